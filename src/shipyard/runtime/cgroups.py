@@ -1,0 +1,474 @@
+"""Per-instance cgroups for the process runtime.
+
+Layout: `<base>/shipyard/<stack>/<instance>` where `<base>` is, in each hierarchy, the
+cgroup of the control plane itself (or `parent` when given, relative to the hierarchy
+root). cgroup v1 uses the memory, cpu, pids and freezer hierarchies that are mounted; v2
+uses one directory with memory.max, cpu.max and the pids controller when they can be
+enabled. Everything here is synchronous file I/O on cgroupfs (fast, no blocking waits);
+waiting is left to the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import signal
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+CgroupMode = Literal["auto", "v1", "v2", "off"]
+
+V1_CONTROLLERS = ("memory", "cpu", "pids", "freezer")
+V2_CONTROLLERS = ("memory", "cpu", "pids")
+LIMITS = ("memory", "cpu")  # the controllers needed to enforce LaunchSpec limits
+CPU_PERIOD_US = 100_000
+TOP = "shipyard"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def safe_name(name: str) -> str:
+    """A cgroup directory name for a stack or instance name."""
+    cleaned = _UNSAFE.sub("_", name).lstrip(".")
+    return cleaned or "_"
+
+
+@dataclass(frozen=True)
+class Mount:
+    root: str  # the path inside the hierarchy that is mounted at `mountpoint`
+    mountpoint: str
+    fstype: str
+    options: frozenset[str]  # super options; for cgroup v1 they name the controllers
+
+
+def _unescape(path: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """The cgroup and cgroup2 mounts of a /proc/<pid>/mountinfo text."""
+    mounts = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        lf, rf = left.split(), right.split()
+        if len(lf) < 5 or len(rf) < 3 or rf[0] not in ("cgroup", "cgroup2"):
+            continue
+        mounts.append(Mount(_unescape(lf[3]), _unescape(lf[4]), rf[0],
+                            frozenset(rf[2].split(","))))
+    return mounts
+
+
+def parse_proc_cgroup(text: str) -> dict[str, str]:
+    """controller -> cgroup path from /proc/<pid>/cgroup; "" is the v2 hierarchy."""
+    paths: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if not controllers:
+            paths[""] = path
+        for ctl in controllers.split(","):
+            if ctl:
+                paths[ctl] = path
+    return paths
+
+
+def member_dirs(mounts: list[Mount], proc_cgroup: str) -> list[str] | None:
+    """The directory of each v1 hierarchy in `mounts` that a task is in, from its
+    /proc/<pid>/cgroup (or /proc/thread-self/cgroup) text; None when one is not visible
+    through its mount (outside the mounted subtree or the cgroup namespace)."""
+    own = parse_proc_cgroup(proc_cgroup)
+    out = []
+    for mount in mounts:
+        path = next((own[c] for c in V1_CONTROLLERS if c in mount.options and c in own), None)
+        root = mount.root.rstrip("/")
+        if path is None or (root and path != root and not path.startswith(root + "/")):
+            return None
+        rel = path[len(root):]
+        if rel.startswith("/.."):
+            return None
+        out.append(os.path.normpath(os.path.join(mount.mountpoint, rel.lstrip("/"))))
+    return out
+
+
+def _hierarchy_dir(mount: Mount, cg_path: str, parent: str | None) -> str:
+    if parent is not None:
+        return os.path.join(mount.mountpoint, parent.strip("/"))
+    root = mount.root.rstrip("/")
+    rel = cg_path[len(root):] if root and cg_path.startswith(root + "/") else cg_path
+    if root and cg_path == root:
+        rel = ""
+    # A path outside our cgroup namespace shows as /../..: use the mount itself.
+    if rel.startswith("/.."):
+        rel = ""
+    return os.path.join(mount.mountpoint, rel.strip("/"))
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _write(path: str, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class CgroupSupport:
+    """What this host lets us do with cgroups, found once by `detect()`."""
+
+    version: int  # 0 = not usable, 1 or 2
+    bases: list[str] = field(default_factory=list)  # the `.../shipyard` directories
+    mounts: list[Mount] = field(default_factory=list)  # v1: the hierarchy of each base
+    limits: frozenset[str] = frozenset()  # subset of LIMITS that can be enforced
+    problem: str | None = None  # why cgroups (or some limits) are unavailable
+
+    @property
+    def enabled(self) -> bool:
+        return self.version in (1, 2) and bool(self.bases)
+
+    def instance_paths(self, stack: str, instance: str) -> list[str]:
+        return [os.path.join(b, safe_name(stack), safe_name(instance)) for b in self.bases]
+
+    def stack_dirs(self, stack: str) -> list[str]:
+        return [os.path.join(b, safe_name(stack)) for b in self.bases]
+
+    def create(self, stack: str, instance: str, cpu_limit: float,
+               memory_limit: int) -> InstanceCgroup:
+        """Create the (empty) cgroup of an instance and apply its limits. A leftover
+        directory must have been emptied and removed by the caller first."""
+        paths = self.instance_paths(stack, instance)
+        for attempt in range(3):
+            try:
+                for path in paths:
+                    if self.version == 1:  # the stack directory is usually there already
+                        try:
+                            os.mkdir(path)
+                            continue
+                        except FileExistsError:
+                            continue
+                        except FileNotFoundError:
+                            pass
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    if self.version == 2:
+                        _enable_v2_controllers(os.path.dirname(path))
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(path)
+                break
+            except FileNotFoundError:  # a concurrent stop() removed the stack directory
+                if attempt == 2:
+                    raise
+        cg = InstanceCgroup(paths)
+        cg.apply_limits(cpu_limit, memory_limit)
+        return cg
+
+    def list_instances(self, stack: str | None = None) -> list[str]:
+        """`InstanceCgroup` strings of the instance cgroups under our bases (leftovers
+        of a control plane that died, for example)."""
+        found: dict[tuple[str, str], list[str]] = {}
+        for base in self.bases:
+            stacks = [safe_name(stack)] if stack is not None else _subdirs(base)
+            for st in stacks:
+                for inst in _subdirs(os.path.join(base, st)):
+                    found.setdefault((st, inst), []).append(os.path.join(base, st, inst))
+        return [":".join(paths) for paths in found.values()]
+
+
+def _subdirs(path: str) -> list[str]:
+    try:
+        return sorted(e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False))
+    except OSError:
+        return []
+
+
+def _enable_v2_controllers(path: str) -> set[str]:
+    """Enable for the children of `path` what it has of V2_CONTROLLERS; what got enabled."""
+    try:
+        available = set(_read(os.path.join(path, "cgroup.controllers")).split())
+        enabled = set(_read(os.path.join(path, "cgroup.subtree_control")).split())
+    except OSError:
+        return set()
+    for ctl in V2_CONTROLLERS:
+        if ctl in available and ctl not in enabled:
+            try:
+                _write(os.path.join(path, "cgroup.subtree_control"), f"+{ctl}")
+                enabled.add(ctl)
+            except OSError:
+                pass
+    return enabled & set(V2_CONTROLLERS)
+
+
+def _enable_v2_own(path: str, *, move_self: bool) -> None:
+    """Enable the controllers for the children of our own v2 cgroup. The kernel refuses
+    (EBUSY) while that cgroup holds processes, unless it is the root ("no internal
+    processes"): as systemd's delegation model asks, the control plane, when it is alone
+    there, then moves itself into a leaf, `<own>/shipyard-control`, and tries again."""
+    wanted = set(V2_CONTROLLERS)
+    with contextlib.suppress(OSError):
+        wanted &= set(_read(os.path.join(path, "cgroup.controllers")).split())
+    if wanted <= _enable_v2_controllers(path) or not move_self:
+        return
+    try:
+        procs = _read(os.path.join(path, "cgroup.procs")).split()
+        if procs != [str(os.getpid())]:  # empty, or others would still be in the way
+            return
+        leaf = os.path.join(path, "shipyard-control")
+        os.makedirs(leaf, exist_ok=True)
+        _write(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
+    except OSError:
+        return
+    _enable_v2_controllers(path)
+
+
+def detect(mode: CgroupMode = "auto", parent: str | None = None, *, top: str = TOP,
+           mountinfo: str = "/proc/self/mountinfo",
+           proc_cgroup: str = "/proc/self/cgroup") -> CgroupSupport:
+    """Find the cgroup hierarchies we can use and check we may create cgroups there."""
+    if mode == "off":
+        return CgroupSupport(0, problem="cgroups disabled by configuration")
+    try:
+        mounts = parse_mountinfo(_read(mountinfo))
+        own = parse_proc_cgroup(_read(proc_cgroup))
+    except OSError as exc:
+        return CgroupSupport(0, problem=f"cannot read cgroup information: {exc}")
+    v1: dict[str, Mount] = {}
+    for m in mounts:
+        if m.fstype == "cgroup":
+            for ctl in V1_CONTROLLERS:
+                if ctl in m.options and ctl not in v1:
+                    v1[ctl] = m
+    v2 = next((m for m in mounts if m.fstype == "cgroup2"), None)
+    if mode == "v1" or (mode == "auto" and v1):
+        if not v1:
+            return CgroupSupport(0, problem="no cgroup v1 controller is mounted")
+        dirs: list[str] = []
+        used: list[Mount] = []
+        for ctl, mount in v1.items():
+            d = _hierarchy_dir(mount, own.get(ctl, "/"), parent)
+            if d not in dirs:
+                dirs.append(d)
+                used.append(mount)
+        support = _probe(1, [os.path.join(d, top) for d in dirs])
+        if support.enabled:
+            support.limits = frozenset(c for c in LIMITS if c in v1)
+            support.mounts = used
+    elif v2 is not None and mode in ("auto", "v2"):
+        top_dir = os.path.join(_hierarchy_dir(v2, own.get("", "/"), parent), top)
+        support = _probe(2, [top_dir])
+        if support.enabled:
+            _enable_v2_own(os.path.dirname(top_dir), move_self=parent is None)
+            enabled = _enable_v2_controllers(top_dir)
+            support.limits = frozenset(c for c in LIMITS if c in enabled)
+    else:
+        return CgroupSupport(0, problem="no cgroup hierarchy is mounted")
+    if support.enabled and set(LIMITS) - support.limits:
+        missing = ", ".join(sorted(set(LIMITS) - support.limits))
+        support.problem = (f"cgroup v{support.version}: controller(s) {missing} not available"
+                           f" under {os.path.dirname(support.bases[0])}")
+    return support
+
+
+def _subtree(path: str) -> list[str]:
+    """`path` and its sub-directories, deepest first (scandir: cgroup directories hold
+    dozens of control files that os.walk would classify for nothing)."""
+    out: list[str] = []
+    try:
+        with os.scandir(path) as entries:
+            subdirs = [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return out
+    for sub in subdirs:
+        out += _subtree(sub)
+    out.append(path)
+    return out
+
+
+def prune_empty(bases: list[str]) -> None:
+    """Remove the empty cgroup directories under (and including) `bases`: stacks that are
+    gone, and the top one when nothing runs. Cgroups of running instances are busy and
+    stay, to be re-adopted."""
+    for base in bases:
+        for root, dirs, _ in os.walk(base, topdown=False):
+            for d in dirs:
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join(root, d))
+        with contextlib.suppress(OSError):
+            os.rmdir(base)
+
+
+def _probe(version: int, bases: list[str]) -> CgroupSupport:
+    probe_name = f".probe-{os.getpid()}"
+    for base in bases:
+        try:
+            os.makedirs(base, exist_ok=True)
+            probe = os.path.join(base, probe_name)
+            os.mkdir(probe)
+            os.rmdir(probe)
+        except OSError as exc:
+            return CgroupSupport(0, problem=f"cannot create cgroups under {base}: "
+                                            f"{exc.strerror or exc}")
+    return CgroupSupport(version, bases=bases)
+
+
+class InstanceCgroup:
+    """The cgroup of one instance: one directory per v1 hierarchy, or one v2 directory.
+    Its string form (paths joined by ':') is what `Handle.cgroup` stores."""
+
+    def __init__(self, paths: Iterable[str]) -> None:
+        self.paths = [p for p in paths if p]
+        self.cpu_quota: tuple[str, str] | None = None  # v1: (cfs_quota_us file, quota set)
+
+    @classmethod
+    def parse(cls, joined: str) -> InstanceCgroup:
+        return cls(joined.split(":"))
+
+    def __str__(self) -> str:
+        return ":".join(self.paths)
+
+    def exists(self) -> bool:
+        return any(os.path.isdir(p) for p in self.paths)
+
+    @property
+    def procs_files(self) -> list[str]:
+        """The files a process writes its pid to in order to join this cgroup."""
+        return [os.path.join(p, "cgroup.procs") for p in self.paths]
+
+    def _dirs(self, paths: list[str] | None = None) -> list[str]:
+        """Every existing directory of the cgroup, deepest first (sub-cgroups that a
+        process of the instance may have created included)."""
+        out: list[str] = []
+        for path in self.paths if paths is None else paths:
+            out += _subtree(path)
+        return out
+
+    def _find(self, filename: str) -> str | None:
+        for path in self.paths:
+            candidate = os.path.join(path, filename)
+            if os.path.exists(candidate):
+                return candidate
+        return None
+
+    def apply_limits(self, cpu_limit: float, memory_limit: int) -> None:
+        if cpu_limit > 0:
+            quota = max(1000, int(cpu_limit * CPU_PERIOD_US))
+            if f := self._find("cpu.max"):
+                _write(f, f"{quota} {CPU_PERIOD_US}")
+            elif f := self._find("cpu.cfs_quota_us"):
+                _write(os.path.join(os.path.dirname(f), "cpu.cfs_period_us"),
+                       str(CPU_PERIOD_US))
+                _write(f, str(quota))
+                self.cpu_quota = (f, str(quota))
+        if memory_limit > 0:
+            if f := self._find("memory.max"):
+                _write(f, str(memory_limit))
+                if g := self._find("memory.swap.max"):
+                    with contextlib.suppress(OSError):
+                        _write(g, "0")
+            elif f := self._find("memory.limit_in_bytes"):
+                _write(f, str(memory_limit))
+                if g := self._find("memory.memsw.limit_in_bytes"):  # no escape into swap
+                    with contextlib.suppress(OSError):
+                        _write(g, str(memory_limit))
+
+    def pids(self) -> set[int]:
+        """The processes in the cgroup. Never our own: on v1 our spawning thread visits
+        an instance's cgroup while it starts the instance, and cgroup.procs then lists
+        the control plane (which nothing here may signal)."""
+        found: set[int] = set()
+        # Every process of the instance is in its subtree in each hierarchy (it joined all
+        # of them before it ran), so one hierarchy tells them all: 4x less /sys reading.
+        for d in self._dirs(self.paths[:1]):
+            with contextlib.suppress(OSError):
+                found.update(int(x) for x in _read(os.path.join(d, "cgroup.procs")).split())
+        found.discard(os.getpid())
+        return found
+
+    def empty(self) -> bool:
+        return not self.pids()
+
+    def signal(self, sig: int) -> int:
+        """Send `sig` to every process in the cgroup; how many were signalled."""
+        count = 0
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+                count += 1
+        return count
+
+    def _set_frozen(self, frozen: bool, wait: float = 0.1) -> bool:
+        if f := self._find("freezer.state"):
+            _write(f, "FROZEN" if frozen else "THAWED")
+            want = "FROZEN" if frozen else "THAWED"
+            deadline = time.monotonic() + (wait if frozen else 0.0)
+            while _read(f).strip() != want and time.monotonic() < deadline:
+                time.sleep(0.002)
+            return True
+        if f := self._find("cgroup.freeze"):
+            _write(f, "1" if frozen else "0")
+            events = os.path.join(os.path.dirname(f), "cgroup.events")
+            deadline = time.monotonic() + (wait if frozen else 0.0)
+            while (f"frozen {int(frozen)}" not in _read(events)
+                   and time.monotonic() < deadline):
+                time.sleep(0.002)
+            return True
+        return False
+
+    def kill(self) -> None:
+        """SIGKILL every process, without letting a forking process escape: cgroup.kill
+        (v2), else freeze, kill everything, thaw."""
+        if f := self._find("cgroup.kill"):
+            try:
+                _write(f, "1")
+                return
+            except OSError:
+                pass
+        frozen = False
+        try:
+            frozen = self._set_frozen(True)
+        except OSError:
+            frozen = False
+        try:
+            self.signal(signal.SIGKILL)
+        finally:
+            if frozen:
+                with contextlib.suppress(OSError):
+                    self._set_frozen(False)
+
+    def oom_kills(self) -> int:
+        """How many processes the kernel OOM-killed in this cgroup (0 if unknown)."""
+        for name, key in (("memory.events", "oom_kill"), ("memory.oom_control", "oom_kill")):
+            if f := self._find(name):
+                with contextlib.suppress(OSError, ValueError):
+                    for line in _read(f).splitlines():
+                        k, _, v = line.partition(" ")
+                        if k == key:
+                            return int(v)
+        return 0
+
+    def remove(self) -> bool:
+        """Remove the (empty) directories, and the stack directory if it is now empty;
+        True when the instance cgroup is gone."""
+        ok = True
+        for d in self._dirs():
+            try:
+                os.rmdir(d)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    ok = False
+        if ok:
+            for path in self.paths:
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.dirname(path))  # the stack dir, when empty
+        return ok

@@ -1,0 +1,48 @@
+"""Shared fixtures. Layer-specific fixtures live in the test modules that use them."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# The interpreter of the project's venv: children spawned by tests start fast from it.
+PYTHON = sys.executable
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh $SHIPYARD_HOME for the test."""
+    path = tmp_path / "shipyard-home"
+    path.mkdir()
+    monkeypatch.setenv("SHIPYARD_HOME", str(path))
+    return path
+
+
+def port_range(size: int = 1000) -> str:
+    """A port range of its own for each xdist worker: two control planes in two test
+    processes would otherwise both see a port free and hand it out at the same time."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    n = int(worker[2:]) if worker[2:].isdigit() else 0
+    low = 40000 + n * size
+    return f"{low}-{low + size - 1}"
+
+
+def pids_alive(pids: list[int]) -> list[int]:
+    """The pids from `pids` that still exist in /proc (zombies excluded)."""
+    alive = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
+
+
+os.environ.setdefault("SHIPYARD_TEST", "1")
