@@ -24,10 +24,14 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def port_range(size: int = 1000) -> str:
     """A port range of its own for each xdist worker: two control planes in two test
-    processes would otherwise both see a port free and hand it out at the same time."""
+    processes would otherwise both see a port free and hand it out at the same time.
+
+    The ranges lie below Linux's ephemeral range (32768-60999): there, the source port of
+    any outgoing connection on the machine (a probe, a client) can take the port an
+    instance is about to bind, and the instance exits with "address already in use"."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
     n = int(worker[2:]) if worker[2:].isdigit() else 0
-    low = 40000 + n * size
+    low = 20000 + (n % 12) * size
     return f"{low}-{low + size - 1}"
 
 
