@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from shipyard.spec.models import Model
+from shipyard.spec.base import Model
 from shipyard.spec.units import parse_duration
 
 __all__ = [

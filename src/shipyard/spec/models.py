@@ -15,25 +15,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     field_validator,
     model_validator,
 )
 
-from shipyard.spec.units import parse_cpu, parse_duration, parse_size
+from shipyard.spec.autoscale import AutoscalePolicy
+from shipyard.spec.base import NAME_RE, Cpu, Duration, Model, Size
+from shipyard.spec.update import UpdatePolicy
 
-Cpu = Annotated[float, BeforeValidator(parse_cpu)]
-Size = Annotated[int, BeforeValidator(parse_size)]
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-
-NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
-
-
-class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+__all__ = ["NAME_RE", "AutoscalePolicy", "Cpu", "Duration", "Model", "Size", "UpdatePolicy"]
 
 
 class Condition(StrEnum):
@@ -232,6 +224,9 @@ class Service(Model):
     # dependents' <DEP>_URL point there.
     expose: int | None = Field(None, ge=1, le=65535)
     stop: StopPolicy = Field(default_factory=StopPolicy)
+    # How a changed spec replaces the running instances (rolling, blue-green, canary).
+    update: UpdatePolicy = Field(default_factory=UpdatePolicy)
+    autoscale: AutoscalePolicy | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -1,0 +1,24 @@
+"""What every part of the stack model shares: the strict base model and the unit types.
+
+Units are parsed on the way in (CPU in cores, sizes in bytes, durations in seconds), so
+every layer after the spec works with plain numbers.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+from shipyard.spec.units import parse_cpu, parse_duration, parse_size
+
+Cpu = Annotated[float, BeforeValidator(parse_cpu)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
