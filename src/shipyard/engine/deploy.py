@@ -4,15 +4,19 @@ dependents need, within the deploy timeout; roll back on failure when asked to."
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
-from shipyard.engine.instance import InstanceSupervisor
+from shipyard.engine.instance import TERMINAL, InstanceSupervisor
 from shipyard.engine.results import DeployResult
+from shipyard.engine.rollout import Rollout, RolloutFailed, new_instance
 from shipyard.plan.diff import spec_hash
 from shipyard.plan.schedule import DeployScheduler, Milestone
 from shipyard.spec.models import Condition, Stack
-from shipyard.state.base import Event, InstanceRecord, InstanceState, StackRecord
+from shipyard.spec.update import UpdateStrategy
+from shipyard.state.base import Event, InstanceState, StackRecord
 
 if TYPE_CHECKING:
     from shipyard.engine.engine import Engine, StackState
@@ -74,6 +78,9 @@ class Deployer:
         self.state = state
         self.checked = checked
         self.stack = checked.stack
+        # services being rolled out (their milestones count once the rollout is done)
+        self.rollouts: dict[str, asyncio.Task[None]] = {}
+        self.rolled_back: set[str] = set()
 
     async def run(self) -> DeployResult:
         async with self.state.lock:
@@ -122,12 +129,21 @@ class Deployer:
         state.stack, state.graph = stack, self.checked.graph
         await eng.routers.ensure(stack)
 
-        ok = await self._deploy(to_deploy, result)
+        try:
+            ok = await self._deploy(to_deploy, result)
+        finally:
+            for task in self.rollouts.values():
+                task.cancel()
+            for task in self.rollouts.values():
+                with contextlib.suppress(BaseException):
+                    await task
         duration = time.monotonic() - t0
         result.duration = duration
         outcome = "deployed" if ok else "failed"
         for name in result.started:
             rev = state.instances_of(name)
+            if name in self.rolled_back:  # its outcomes were set by the rollback
+                continue
             if rev:
                 await eng.store.set_revision_outcome(stack.name, name, rev[0].record.revision,
                                                      outcome)
@@ -147,7 +163,8 @@ class Deployer:
             if self.rollback and stack.deploy.rollback_on_failure:
                 await self._rollback(result)
             else:
-                await eng.store.put_stack(StackRecord(stack.name, stack_document(stack),
+                await eng.store.put_stack(StackRecord(stack.name,
+                                                      stack_document(state.stack),
                                                       status="degraded"))
         eng.metrics.deploy_duration.labels(stack.name, "ok" if ok else "failed").observe(
             duration)
@@ -175,6 +192,17 @@ class Deployer:
                     await self._start_service(name)
                     result.started.append(name)
             for name in sorted(in_flight):
+                task = self.rollouts.get(name)
+                if task is not None and not task.done():
+                    continue
+                if task is not None and task.exception() is not None:
+                    in_flight.discard(name)
+                    result.failed[name] = str(task.exception())
+                    skipped = sched.mark_failed(name)
+                    for other in sorted(skipped):
+                        await self._service_event("service.skipped", other,
+                                                  f"not started: {name} failed")
+                    continue
                 reached = service_milestones(state.instances_of(name),
                                              stack.services[name].replicas, needs.get(name))
                 if Milestone.FAILED in reached:
@@ -212,6 +240,7 @@ class Deployer:
                 break
             if not sched.next_to_start():
                 await eng.changed(min(remaining, 1.0))
+                await asyncio.sleep(0)  # let a rollout that just ended report
         result.skipped = sorted(sched.skipped)
         if not result.failed:
             await self._wait_all_ready(result, deadline)
@@ -242,41 +271,82 @@ class Deployer:
             await self.engine.changed(min(remaining, 1.0))
 
     async def _start_service(self, name: str) -> None:
-        """(Re)create the instances of `name` at the stack's current revision; instance
-        names and auto ports are kept across revisions so dependents keep their address."""
+        """Bring `name` to the stack's current revision: by its update strategy when
+        instances of another spec are running, else by (re)creating its instances; names
+        and auto ports are kept so dependents keep their address."""
         eng, stack, state = self.engine, self.stack, self.state
         svc = stack.services[name]
+        records = await eng.store.list_revisions(stack.name, name)
+        hashes = {r.revision: r.spec_hash for r in records}
+        revision = next((r.revision for r in await eng.store.list_services(stack.name)
+                         if r.name == name), 1)
+        target = spec_hash(svc)
+        outdated = [s for s in state.instances_of(name) if s.state not in TERMINAL
+                    and hashes.get(s.record.revision) != target]
+        if outdated and svc.update.strategy is not UpdateStrategy.RECREATE:
+            control = eng.rollout_control(stack.name, name, create=True)
+            self.rollouts[name] = asyncio.create_task(
+                self._rollout(name, revision, control), name=f"rollout:{name}")
+            return
         old = {s.record.index: s for s in state.instances_of(name)}
-        revisions = await eng.store.list_services(stack.name)
-        revision = next((r.revision for r in revisions if r.name == name), 1)
         await eng.stop_services(state, [name])
-        ports = eng.ports_for(stack)
         await self._service_event("service.deploying", name,
                                   f"starting {svc.replicas} instance(s) at revision {revision}")
         for index in range(1, svc.replicas + 1):
-            instance = f"{name}-{index}"
-            owner = f"{stack.name}/{instance}"
             previous = old[index].record.ports if index in old else {}
-            assigned: dict[str, int] = {}
-            for port_name, port in svc.ports.items():
-                if port != "auto":
-                    assert isinstance(port, int)
-                    assigned[port_name] = port
-                    ports.reserve(port, owner)
-                elif port_name in previous and ports.owner_of(previous[port_name]) in (
-                        None, owner):
-                    assigned[port_name] = previous[port_name]
-                    ports.reserve(previous[port_name], owner)
-                else:
-                    assigned[port_name] = ports.allocate(owner)
-            record = InstanceRecord(stack=stack.name, service=name, instance=instance,
-                                    index=index, revision=revision, ports=assigned,
-                                    restarts=0)
-            sup = InstanceSupervisor(eng, stack, record)
-            state.supervisors[instance] = sup
-            await eng.store.put_instance(record)
+            sup = new_instance(eng, state, stack, name, index, revision, previous)
+            await eng.store.put_instance(sup.record)
             sup.start()
         eng.notify()
+
+    async def _rollout(self, name: str, revision: int, control: Any) -> None:
+        """Roll `name` out; when that fails and `auto_rollback` says so, roll the service
+        back to the spec its old instances ran, then fail with both reasons."""
+        eng, stack = self.engine, self.stack
+        old_revisions = sorted({s.record.revision for s in self.state.instances_of(name)
+                                if s.record.revision != revision})
+        try:
+            await Rollout(eng, self.state, stack, name, revision, control).run()
+            return
+        except RolloutFailed as exc:
+            reason = str(exc)
+        finally:
+            eng.rollout_control(stack.name, name, drop=True)
+        await eng.store.set_revision_outcome(stack.name, name, revision, "failed")
+        await self._service_event("rollout.failed", name, f"revision {revision}: {reason}")
+        previous = None
+        for rev in reversed(old_revisions):
+            previous = await eng.store.get_revision(stack.name, name, rev)
+            if previous is not None:
+                break
+        if not stack.services[name].update.auto_rollback or previous is None:
+            raise RolloutFailed(reason)
+        from shipyard.spec.models import Service
+
+        services = dict(stack.services)
+        services[name] = Service.model_validate(previous.spec)
+        back = stack.model_copy(update={"services": services})
+        record = await eng.store.record_revision(stack.name, name, previous.spec,
+                                                 previous.spec_hash)
+        await self._service_event("rollout.rollback",
+                                  name, f"rolling back to the spec of revision "
+                                        f"{previous.revision} (as revision {record.revision})")
+        self.rolled_back.add(name)
+        try:
+            await Rollout(eng, self.state, back, name, record.revision,
+                          eng.rollout_control(stack.name, name, create=True)).run()
+        except RolloutFailed as exc:
+            await eng.store.set_revision_outcome(stack.name, name, record.revision, "failed")
+            raise RolloutFailed(f"{reason}; the rollback failed too: {exc}") from None
+        finally:
+            eng.rollout_control(stack.name, name, drop=True)
+        await eng.store.set_revision_outcome(stack.name, name, record.revision, "rolled-back")
+        # the stack as it runs now: this service back at its old spec
+        services = dict(self.state.stack.services)
+        services[name] = back.services[name]
+        self.state.stack = self.state.stack.model_copy(update={"services": services})
+        raise RolloutFailed(f"{reason}; rolled back to the spec of revision "
+                            f"{previous.revision}")
 
     def _failure_reason(self, name: str) -> str:
         for sup in self.state.instances_of(name):

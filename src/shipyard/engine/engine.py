@@ -26,6 +26,8 @@ from shipyard.engine.metrics import EngineMetrics
 from shipyard.engine.operations import OperationQueue, parse_priority
 from shipyard.engine.preflight import preflight
 from shipyard.engine.results import DeployResult, PlanReport
+from shipyard.engine.rollout import RolloutControl
+from shipyard.engine.rollout_traffic import schedule_retirement
 from shipyard.engine.routing import ServiceRouters
 from shipyard.errors import NotFoundError, ShipyardError
 from shipyard.plan.graph import DependencyGraph
@@ -95,6 +97,9 @@ class Engine:
         self.ops.register("recover", partial(handlers.recover, self), resumable=True)
         self.ops.register("rollback", partial(handlers.apply, self), resumable=True)
         self._started = False
+        self._rollouts: dict[tuple[str, str], RolloutControl] = {}
+        # blue-green: previous sets kept for `keep_previous`, retired by these tasks
+        self.retirements: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     # -- lifecycle --------------------------------------------------------------------
     async def __aenter__(self) -> Engine:
@@ -121,7 +126,7 @@ class Engine:
         if not self._started:
             return
         self._started = False
-        for task in (self._background, self._watcher):
+        for task in (self._background, self._watcher, *self.retirements.values()):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -282,6 +287,39 @@ class Engine:
         finally:
             self._waiters.discard(fut)
 
+    # -- rollouts -----------------------------------------------------------------------
+    def rollout_control(self, stack: str, service: str, *, create: bool = False,
+                        drop: bool = False) -> RolloutControl:
+        """The control of the rollout of `service` in progress (made with `create`,
+        forgotten with `drop`)."""
+        key = (stack, service)
+        if drop:
+            return self._rollouts.pop(key, RolloutControl())
+        if create:
+            self._rollouts[key] = RolloutControl()
+        control = self._rollouts.get(key)
+        if control is None:
+            self._service(stack, service)
+            raise NotFoundError(f"service {service} of stack {stack} has no rollout in "
+                                f"progress", hint=f"see `shipyard history {service}`")
+        return control
+
+    def promote(self, stack: str, service: str) -> str:
+        """Promote the rollout in progress: a blue-green swap or a canary waiting for
+        `shipyard promote` goes on; a canary skips its remaining steps."""
+        control = self.rollout_control(stack, service)
+        control.promoted.set()
+        self.notify()
+        return control.phase
+
+    def abort(self, stack: str, service: str) -> str:
+        """Abort the rollout in progress: the new revision's instances are removed and the
+        service goes back to the old one."""
+        control = self.rollout_control(stack, service)
+        control.aborted.set()
+        self.notify()
+        return control.phase
+
     def ports_for(self, stack: Stack) -> PortAllocator:
         key = stack.ports.range
         if key not in self._ports:
@@ -400,6 +438,13 @@ class Engine:
                 else:
                     await self._kill_recorded(inst)
                     sup.start(restarted=inst.state.alive or inst.state is InstanceState.BACKOFF)
+            if rec.status != "deploying":
+                # a previous blue-green set kept when the control plane went down: which
+                # side served is not known any more, so the current spec serves now
+                for service, svc in stack.services.items():
+                    if svc.update.strategy.value in ("blue-green", "canary") \
+                            and len(state.instances_of(service)) > svc.replicas:
+                        schedule_retirement(self, state, service, 0.0)
 
     async def _kill_recorded(self, inst: InstanceRecord) -> None:
         """Empty the cgroup of a recorded instance whose process is gone (grandchildren

@@ -23,9 +23,28 @@ def cross_check(services: Mapping[str, Service], raw_services: Mapping[str, Any]
     for name, service in services.items():
         found += _dependencies(name, service, services, names, raw_services.get(name))
         found += _probes(name, service)
+        found += _update(name, service)
     found += _fixed_ports(services)
     found += _cycles(services, raw_services)
     return found
+
+
+def _update(name: str, service: Service) -> list[Found]:
+    """Blue-green and canary run two revisions side by side behind the router."""
+    strategy = service.update.strategy.value
+    if strategy not in ("blue-green", "canary"):
+        return []
+    where = ("services", name, "update", "strategy")
+    if service.expose is None:
+        return [(where, f"{strategy} needs `expose: PORT`: it shifts traffic between "
+                        "revisions on the service's router")]
+    fixed = [port for port, value in service.ports.items() if value != "auto"]
+    if fixed:
+        return [(where, f"{strategy} runs two revisions at once, which a fixed port "
+                        f"({', '.join(fixed)}) cannot; use `auto` ports behind `expose`")]
+    if not service.ports:
+        return [(where, f"{strategy} needs a port for the router to reach the instances")]
+    return []
 
 
 def dependency_path(service: str, dep: str, raw: Any) -> Path:
