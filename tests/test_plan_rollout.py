@@ -118,3 +118,28 @@ def test_blue_green_and_canary_need_a_router() -> None:
     with pytest.raises(SpecError, match="a fixed port"):
         parse_stack(base % ("8080", "    expose: 9000\n"))
     assert parse_stack(base % ("auto", "    expose: 9000\n")).services["api"]
+
+
+def test_plan_says_how_each_change_is_carried_out() -> None:
+    from shipyard.plan.rollout import describe_update
+    from shipyard.spec.models import Service
+
+    def service(**fields: object) -> Service:
+        return Service.model_validate({"command": ["x"], "ports": {"http": "auto"},
+                                       "expose": 9000, **fields})
+
+    assert describe_update("add", service(), ()) == "start"
+    assert describe_update("remove", None, ()) == "stop"
+    assert describe_update("change", service(replicas=3), ["replicas"]) == \
+        "scale in place to 3, no restart"
+    assert describe_update("change", service(replicas=4), ["env.A"]) == \
+        "rolling (max surge 1, max unavailable 0)"
+    assert describe_update("change", service(ports={"http": 80}), ["env.A"]) == \
+        "rolling (in place, max surge 0, max unavailable 1)"
+    assert describe_update("change", service(update={"strategy": "canary"}), ["env.A"]) \
+        == "canary (10% → 50% → 100%)"
+    assert describe_update("change", service(update={"strategy": "blue-green",
+                                                     "promotion": "manual"}), ["command"]) \
+        == "blue-green (manual promotion, previous kept 300s)"
+    assert describe_update("change", service(update={"strategy": "recreate"}),
+                           ["command"]).startswith("recreate")

@@ -247,3 +247,26 @@ async def test_canary_analysis_rolls_a_bad_version_back(engine: Engine, tmp_path
     async with Load(port) as load:
         await load.settle(20)
     assert load.failures == [] and set(load.versions()) == {"v1"}
+
+
+async def test_count_or_update_policy_changes_scale_in_place(engine: Engine,
+                                                             tmp_path: Path) -> None:
+    port = free_port()
+    assert (await engine.apply(stack_of(tmp_path, "v1", replicas=2, expose=port))).ok
+    first = {i.instance: i.pid for i in await engine.instances("ro", "api")}
+    async with Load(port) as load:
+        await load.settle()
+        up = await engine.apply(stack_of(tmp_path, "v1", replicas=4, expose=port,
+                                         update={"max_surge": 2}))
+        await load.settle()
+        down = await engine.apply(stack_of(tmp_path, "v1", replicas=1, expose=port,
+                                           update={"max_surge": 2}))
+        await load.settle()
+    assert up.ok and down.ok
+    assert load.failures == [], load.failures[:5]
+    now = await engine.instances("ro", "api")
+    assert [(i.instance, i.pid, i.revision) for i in now] == [("api-1", first["api-1"], 3)]
+    scaled = [e.message for e in await engine.store.list_events(stack="ro")
+              if e.kind == "service.scaled"]
+    assert scaled == ["scaled to 4 instance(s): 2 added, 0 removed, the others kept",
+                      "scaled to 1 instance(s): 0 added, 3 removed, the others kept"]

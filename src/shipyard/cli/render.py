@@ -105,8 +105,9 @@ def print_plan(report: PlanReport) -> None:
         out.print(f"  phase {i}: {', '.join(phase)}")
     for change in report.changes:
         fields = f" ({', '.join(change.fields)})" if change.fields else ""
+        how = f" [dim]by {change.how}[/]" if change.how and change.action == "change" else ""
         out.print(f"  {CHANGE_MARK.get(change.action, '?')} {change.service}: "
-                  f"{change.action}{fields}")
+                  f"{change.action}{fields}{how}", highlight=False)
     todo = [c for c in report.changes if c.action != "unchanged"]
     out.print(f"{len(todo)} to change, {len(report.changes) - len(todo)} unchanged")
 

@@ -11,8 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 from shipyard.engine.instance import TERMINAL, InstanceSupervisor
 from shipyard.engine.results import DeployResult
-from shipyard.engine.rollout import Rollout, RolloutFailed, new_instance
-from shipyard.plan.diff import spec_hash
+from shipyard.engine.rollout import (
+    Rollout,
+    RolloutFailed,
+    new_instance,
+    scale_in_place,
+    template_hashes,
+)
+from shipyard.plan.diff import spec_hash, template_hash
 from shipyard.plan.schedule import DeployScheduler, Milestone
 from shipyard.spec.models import Condition, Stack
 from shipyard.spec.update import UpdateStrategy
@@ -272,21 +278,31 @@ class Deployer:
 
     async def _start_service(self, name: str) -> None:
         """Bring `name` to the stack's current revision: by its update strategy when
-        instances of another spec are running, else by (re)creating its instances; names
-        and auto ports are kept so dependents keep their address."""
+        instances of another spec are running; by adding or removing instances when only
+        their count changed; else by (re)creating its instances. Names and auto ports are
+        kept so dependents keep their address."""
         eng, stack, state = self.engine, self.stack, self.state
         svc = stack.services[name]
-        records = await eng.store.list_revisions(stack.name, name)
-        hashes = {r.revision: r.spec_hash for r in records}
+        hashes = await template_hashes(eng, stack.name, name)
         revision = next((r.revision for r in await eng.store.list_services(stack.name)
                          if r.name == name), 1)
-        target = spec_hash(svc)
-        outdated = [s for s in state.instances_of(name) if s.state not in TERMINAL
+        target = template_hash(svc)
+        current = state.instances_of(name)
+        outdated = [s for s in current if s.state not in TERMINAL
                     and hashes.get(s.record.revision) != target]
         if outdated and svc.update.strategy is not UpdateStrategy.RECREATE:
             control = eng.rollout_control(stack.name, name, create=True)
             self.rollouts[name] = asyncio.create_task(
                 self._rollout(name, revision, control), name=f"rollout:{name}")
+            return
+        if current and not outdated and name not in self.force \
+                and not any(s.state in (InstanceState.FAILED, InstanceState.STOPPED)
+                            for s in current):
+            added, removed = await scale_in_place(eng, state, stack, name, revision)
+            if added or removed:
+                await self._service_event(
+                    "service.scaled", name, f"scaled to {svc.replicas} instance(s): "
+                    f"{added} added, {removed} removed, the others kept")
             return
         old = {s.record.index: s for s in state.instances_of(name)}
         await eng.stop_services(state, [name])

@@ -15,6 +15,7 @@ from shipyard.engine.results import PlanReport, ServiceChange
 from shipyard.errors import PlanError, ResourceError
 from shipyard.plan.diff import Change, diff_stack
 from shipyard.plan.graph import DependencyGraph
+from shipyard.plan.rollout import describe_update
 from shipyard.resources.capacity import HostCapacity, check_fit, detect_host_capacity
 from shipyard.resources.ports import find_port_holder, port_is_free
 from shipyard.spec.models import Stack
@@ -65,7 +66,9 @@ async def preflight(engine: Engine, stack: Stack) -> Checked:
     report = PlanReport(
         stack=stack.name, strategy=stack.deploy.strategy.value,
         max_parallel=stack.deploy.max_parallel, phases=graph.phases(),
-        changes=[ServiceChange(c.service, c.action, list(c.fields)) for c in changes],
+        changes=[ServiceChange(c.service, c.action, list(c.fields),
+                               describe_update(c.action, stack.services.get(c.service),
+                                               c.fields)) for c in changes],
     )
     return Checked(stack, graph, changes, previous, report)
 

@@ -11,6 +11,7 @@ class ServiceChange:
     service: str
     action: str  # add | change | remove | unchanged
     fields: list[str] = field(default_factory=list)
+    how: str = ""  # how the change is carried out: strategy, scale in place, start, stop
 
 
 @dataclass

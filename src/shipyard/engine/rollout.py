@@ -1,7 +1,8 @@
 """Rollouts: replace the running instances of one service with a new revision, by the
 service's `update` strategy, without failing a request that goes through its router.
 
-Which instance is "new" is decided by spec hash, not by revision number: rolling back to an
+Which instance is "new" is decided by template hash (the spec without replicas, update and
+autoscale), not by revision number: rolling back to an
 earlier spec makes the instances still running that spec current again, so a blue-green
 rollback within `keep_previous` is a swap and nothing more.
 
@@ -17,7 +18,7 @@ import time
 from typing import TYPE_CHECKING
 
 from shipyard.engine.instance import InstanceSupervisor
-from shipyard.plan.diff import spec_hash
+from shipyard.plan.diff import template_hash
 from shipyard.plan.rollout import RollingCounts, rolling_step
 from shipyard.spec.models import Stack
 from shipyard.spec.update import UpdateStrategy
@@ -71,6 +72,50 @@ def new_instance(engine: Engine, state: StackState, stack: Stack, service: str, 
     return sup
 
 
+async def scale_in_place(engine: Engine, state: StackState, stack: Stack, service: str,
+                         revision: int) -> tuple[int, int]:
+    """Only the count (or how updates and autoscaling go) changed: keep the instances,
+    relabel them to `revision`, add the missing ones and remove the extra ones (highest
+    index first, drained first). Returns (added, removed)."""
+    svc = stack.services[service]
+    sups = state.instances_of(service)
+    for sup in sups:
+        sup.stack, sup.service = stack, svc
+        if sup.record.revision != revision:
+            sup.record.revision = revision
+            await engine.store.put_instance(sup.record)
+    extra = sorted(sups, key=lambda s: -s.record.index)[:max(0, len(sups) - svc.replicas)]
+    if extra:
+        names = [s.name for s in extra]
+        await engine.routers.drain(stack.name, service, names,
+                                   max(s.service.stop.timeout for s in extra))
+        await asyncio.gather(*(s.stop() for s in extra))
+        for sup in extra:
+            engine.release_instance(state, sup)
+            await engine.store.delete_instance(stack.name, sup.name)
+        engine.routers.forget(stack.name, names)
+    used = {s.record.index for s in state.instances_of(service)}
+    added = 0
+    index = 1
+    while len(used) < svc.replicas:
+        if index not in used:
+            sup = new_instance(engine, state, stack, service, index, revision)
+            await engine.store.put_instance(sup.record)
+            sup.start()
+            used.add(index)
+            added += 1
+        index += 1
+    engine.routers.sync()
+    engine.notify()
+    return added, len(extra)
+
+
+async def template_hashes(engine: Engine, stack: str, service: str) -> dict[int, str]:
+    """Each recorded revision of `service`: its template hash."""
+    return {r.revision: template_hash(r.spec)
+            for r in await engine.store.list_revisions(stack, service)}
+
+
 class Rollout:
     """One service's rollout to the stack's current spec at `revision`."""
 
@@ -83,7 +128,7 @@ class Rollout:
         self.spec = stack.services[service]
         self.policy = self.spec.update
         self.revision = revision
-        self.target_hash = spec_hash(self.spec)
+        self.target_hash = template_hash(self.spec)
         self.control = control
         self.hashes: dict[int, str] = {}
         self.deadline = 0.0
@@ -93,8 +138,7 @@ class Rollout:
     # -- entry ---------------------------------------------------------------------------
     async def run(self) -> None:
         """Carry the rollout out; raises RolloutFailed (after rolling back, if asked)."""
-        self.hashes = {r.revision: r.spec_hash for r in
-                       await self.engine.store.list_revisions(self.stack.name, self.service)}
+        self.hashes = await template_hashes(self.engine, self.stack.name, self.service)
         self.deadline = time.monotonic() + self.policy.progress_deadline
         strategy = self.policy.strategy
         await self._event("rollout.started",

@@ -18,9 +18,9 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from shipyard.engine.rollout import RolloutFailed
+from shipyard.engine.rollout import RolloutFailed, template_hashes
 from shipyard.health.probes import run_probe
-from shipyard.plan.diff import spec_hash
+from shipyard.plan.diff import template_hash
 from shipyard.plan.rollout import Window, analyse, canary_replicas, window_of
 from shipyard.spec.models import Probe
 from shipyard.spec.update import Analysis
@@ -269,9 +269,8 @@ async def retire_outdated(engine: Engine, state: StackState, service: str) -> No
     spec = state.stack.services.get(service)
     if spec is None:
         return
-    target = spec_hash(spec)
-    hashes = {r.revision: r.spec_hash
-              for r in await engine.store.list_revisions(state.stack.name, service)}
+    target = template_hash(spec)
+    hashes = await template_hashes(engine, state.stack.name, service)
     outdated = [s for s in state.instances_of(service)
                 if hashes.get(s.record.revision) != target]
     stack = state.stack.name

@@ -16,7 +16,13 @@ from pydantic import ValidationError
 
 from shipyard.spec.models import Service, Stack
 
-__all__ = ["Action", "Change", "diff_service", "diff_stack", "spec_hash"]
+__all__ = ["SCALE_FIELDS", "Action", "Change", "diff_service", "diff_stack", "spec_hash",
+           "template_hash"]
+
+# Fields whose change needs no new instance: the count, and how updates and autoscaling
+# go. A change of only these scales in place (as a Kubernetes pod template hash ignores
+# them); any other field makes new instances.
+SCALE_FIELDS = ("replicas", "update", "autoscale")
 
 Action = Literal["add", "change", "remove", "unchanged"]
 
@@ -31,6 +37,15 @@ class Change:
 def spec_hash(service: Service) -> str:
     """A stable fingerprint of a service's spec: sha256 of its canonical JSON."""
     return hashlib.sha256(_canonical(service.model_dump(mode="json")).encode()).hexdigest()
+
+
+def template_hash(spec: Service | Mapping[str, Any]) -> str:
+    """The fingerprint of what an instance runs: the spec without SCALE_FIELDS. `spec` is
+    a Service or a recorded spec (`model_dump(mode="json")`)."""
+    data = spec.model_dump(mode="json") if isinstance(spec, Service) else _normalise(spec)
+    for name in SCALE_FIELDS:
+        data.pop(name, None)
+    return hashlib.sha256(_canonical(data).encode()).hexdigest()
 
 
 def diff_stack(desired: Stack, recorded: Mapping[str, Mapping[str, Any]]) -> list[Change]:

@@ -15,7 +15,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from shipyard.spec.models import Service
 
 __all__ = [
     "RollingCounts",
@@ -25,6 +28,7 @@ __all__ = [
     "analyse",
     "canary_replicas",
     "canary_weights",
+    "describe_update",
     "rolling_step",
     "window_of",
 ]
@@ -71,6 +75,36 @@ def rolling_step(c: RollingCounts, surge: int, unavailable: int) -> RollingStep:
     available = c.old_ready + c.new_available
     stop_ready = max(0, min(c.old_ready, available - (c.replicas - unavailable)))
     return RollingStep(start, stop_unready, stop_ready)
+
+
+def describe_update(action: str, service: Service | None, fields: tuple[str, ...] | list[str],
+                    *, running: bool = True) -> str:
+    """How `shipyard up` will carry a change out, in words for `shipyard plan`."""
+    from shipyard.plan.diff import SCALE_FIELDS
+
+    if action == "add" or service is None:
+        return "start" if action == "add" else ("stop" if action == "remove" else "")
+    if action == "unchanged":
+        return ""
+    if not running:
+        return "start"
+    if fields and all(f.split(".")[0] in SCALE_FIELDS for f in fields):
+        return f"scale in place to {service.replicas}, no restart"
+    update = service.update
+    strategy = update.strategy.value
+    if strategy == "rolling":
+        fixed = service.expose is None or any(p != "auto" for p in service.ports.values())
+        surge, unavailable = update.surge_and_unavailable(service.replicas, fixed_ports=fixed)
+        where = "in place, " if fixed else ""
+        return f"rolling ({where}max surge {surge}, max unavailable {unavailable})"
+    if strategy == "canary":
+        steps = " → ".join(f"{s.weight}%" for s in update.steps)
+        manual = ", manual promotion" if update.promotion == "manual" else ""
+        return f"canary ({steps} → 100%{manual})"
+    if strategy == "blue-green":
+        manual = "manual promotion" if update.promotion == "manual" else "automatic swap"
+        return f"blue-green ({manual}, previous kept {update.keep_previous:g}s)"
+    return "recreate (stop all, then start)"
 
 
 def canary_replicas(replicas: int, weight: int) -> int:
