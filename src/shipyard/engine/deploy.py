@@ -246,7 +246,6 @@ class Deployer:
                 break
             if not sched.next_to_start():
                 await eng.changed(min(remaining, 1.0))
-                await asyncio.sleep(0)  # let a rollout that just ended report
         result.skipped = sorted(sched.skipped)
         if not result.failed:
             await self._wait_all_ready(result, deadline)
@@ -292,8 +291,10 @@ class Deployer:
                     and hashes.get(s.record.revision) != target]
         if outdated and svc.update.strategy is not UpdateStrategy.RECREATE:
             control = eng.rollout_control(stack.name, name, create=True)
-            self.rollouts[name] = asyncio.create_task(
-                self._rollout(name, revision, control), name=f"rollout:{name}")
+            task = asyncio.create_task(self._rollout(name, revision, control),
+                                       name=f"rollout:{name}")
+            task.add_done_callback(lambda _: eng.notify())  # wake the deploy loop
+            self.rollouts[name] = task
             return
         if current and not outdated and name not in self.force \
                 and not any(s.state in (InstanceState.FAILED, InstanceState.STOPPED)

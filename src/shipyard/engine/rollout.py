@@ -134,6 +134,10 @@ class Rollout:
         self.deadline = 0.0
         self._ready_since: dict[str, float] = {}
         self._puts: list[InstanceSupervisor] = []
+        # old instances on their way out (drain and stop run in the background, so that
+        # their replacements start meanwhile, as terminating pods do in Kubernetes)
+        self._leaving: set[str] = set()
+        self._retiring: list[asyncio.Task[None]] = []
 
     # -- entry ---------------------------------------------------------------------------
     async def run(self) -> None:
@@ -151,7 +155,10 @@ class Rollout:
                 sup.record.revision = self.revision
                 await self.engine.store.put_instance(sup.record)
         if strategy is UpdateStrategy.ROLLING:
-            await self._rolling()
+            try:
+                await self._rolling()
+            finally:
+                await asyncio.gather(*self._retiring, return_exceptions=True)
         else:  # blue-green and canary: rollout_traffic.py (which imports this module)
             from shipyard.engine.rollout_traffic import blue_green, canary
 
@@ -183,8 +190,13 @@ class Rollout:
                 ready = sorted((s for s in old if s.state in READY),
                                key=lambda s: -s.record.index)[:step.stop_ready]
                 victims = unready + ready
-                await self.retire(victims, keep_slots=self.in_place)
-                freed += [(s.record.index, dict(s.record.ports)) for s in victims]
+                if self.in_place:  # the slot is reused: its instance must be gone first
+                    await self.retire(victims, keep_slots=True)
+                    freed += [(s.record.index, dict(s.record.ports)) for s in victims]
+                else:
+                    self._leaving.update(s.name for s in victims)
+                    self._retiring.append(asyncio.create_task(
+                        self.retire(victims, keep_slots=False)))
                 await self._progress()
                 continue
             if step.start:
@@ -210,7 +222,8 @@ class Rollout:
         return [s for s in self._instances() if self.is_new(s)]
 
     def _old(self) -> list[InstanceSupervisor]:
-        return [s for s in self._instances() if not self.is_new(s)]
+        return [s for s in self._instances()
+                if not self.is_new(s) and s.name not in self._leaving]
 
     def available(self, sups: list[InstanceSupervisor]) -> list[InstanceSupervisor]:
         """Those ready, and ready for `min_ready` without a break."""
