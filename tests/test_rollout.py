@@ -53,7 +53,9 @@ async def test_rolling_update_with_surge_fails_no_request(engine: Engine,
     assert result.ok, result
     story = [f"{e.ts:.3f} {e.kind} {e.instance} {e.message}"
              for e in await engine.store.list_events(stack="ro")]
-    assert load.failures == [], load.failures[:5] + story
+    if load.failures:
+        print("\n".join(load.failures + story))
+    assert load.failures == [], load.failures[:5]
     assert load.versions()["v1"] > 0 and load.versions()["v2"] > 0
     instances = await engine.instances("ro", "api")
     assert len(instances) == 3 and {i.revision for i in instances} == {2}
@@ -263,6 +265,10 @@ async def test_count_or_update_policy_changes_scale_in_place(engine: Engine,
                                            update={"max_surge": 2}))
         await load.settle()
     assert up.ok and down.ok
+    story = [f"{e.ts:.3f} {e.kind} {e.instance} {e.message}"
+             for e in await engine.store.list_events(stack="ro")]
+    if load.failures:
+        print("\n".join(load.failures + story))
     assert load.failures == [], load.failures[:5]
     now = await engine.instances("ro", "api")
     assert [(i.instance, i.pid, i.revision) for i in now] == [("api-1", first["api-1"], 3)]

@@ -238,6 +238,9 @@ class Session(asyncio.Protocol):
                 up.transport.close()  # type: ignore[union-attr]
                 if self.closed:
                     return
+                # not the backend's fault: a backend re-added under the same id (its
+                # revision relabelled, say) is a new slot and may be picked
+                tried.discard(slot.id)
                 continue
             break
         self.up, self.task = up, None
