@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from shipyard import __version__
+from shipyard.cli.commands_k8s import k8s
 from shipyard.cli.commands_ops import history, ops, recover, restart, rollback
 from shipyard.cli.commands_read import events, logs, ps
 from shipyard.cli.commands_spec import plan, schema, validate, version
@@ -41,6 +42,7 @@ for command in (up, down, ps, logs, events, plan, validate, schema, server, vers
                 recover, ops, history, rollback):
     cli.add_command(command)
 cli.add_command(state)
+cli.add_command(k8s)
 
 
 def error_lines(exc: ShipyardError) -> list[str]:
