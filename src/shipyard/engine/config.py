@@ -28,6 +28,8 @@ class EngineConfig:
     log_max_bytes: int = 10 * 2**20  # rotate an instance's log past this size
     log_backups: int = 3
     max_concurrent_deployments: int = 100  # operations running at once (all stacks)
+    prometheus_url: str | None = None  # for `prometheus` autoscale metrics (default:
+    # $SHIPYARD_PROMETHEUS_URL)
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).expanduser().resolve()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from shipyard.engine import handlers, revisions
+from shipyard.engine.autoscaler import Autoscaler
 from shipyard.engine.config import EngineConfig
 from shipyard.engine.dependencies import DependencyWatcher
 from shipyard.engine.deploy import stack_document
@@ -96,6 +97,11 @@ class Engine:
         self.ops.register("restart", partial(handlers.restart, self), resumable=True)
         self.ops.register("recover", partial(handlers.recover, self), resumable=True)
         self.ops.register("rollback", partial(handlers.apply, self), resumable=True)
+        self.ops.register("scale", partial(handlers.scale, self), resumable=True)
+        self.ops.register("autoscale-resume", partial(handlers.resume_autoscale, self),
+                          resumable=True)
+        self.autoscaler = Autoscaler(self, prometheus_url=self.config.prometheus_url)
+        self._autoscaling: asyncio.Task[None] | None = None
         self._started = False
         self._rollouts: dict[tuple[str, str], RolloutControl] = {}
         # blue-green: previous sets kept for `keep_previous`, retired by these tasks
@@ -118,7 +124,9 @@ class Engine:
         if warning:  # said once per control plane start, never silently
             await self.record_event(Event("runtime.warning", warning))
         await self._recover()
+        await self.autoscaler.load()
         await self.ops.start()
+        self._autoscaling = asyncio.create_task(self.autoscaler.run(), name="autoscaler")
         self._background = asyncio.create_task(self._reconcile_loop(), name="reconcile")
         self._watcher = asyncio.create_task(DependencyWatcher(self).run(), name="dependencies")
 
@@ -126,7 +134,8 @@ class Engine:
         if not self._started:
             return
         self._started = False
-        for task in (self._background, self._watcher, *self.retirements.values()):
+        for task in (self._background, self._watcher, self._autoscaling,
+                     *self.retirements.values()):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -139,6 +148,7 @@ class Engine:
             for state in self.stacks_state.values():
                 await asyncio.gather(*(s.detach() for s in state.supervisors.values()))
         await self.routers.close()
+        await self.autoscaler.close()
         await self.runtime.close()
         await self.store.close()
 
@@ -222,6 +232,31 @@ class Engine:
                      if checked.previous else None}))
         assert op.id is not None
         return await self._deploy_result(op.id)
+
+    async def scale(self, stack: str, service: str, replicas: int, *,
+                    priority: str | int = "high") -> dict[str, Any]:
+        """Run `replicas` instances of a service (a manual count: autoscaling of the service
+        is suspended until `resume_autoscale`)."""
+        self._service(stack, service)
+        if replicas < 0:
+            raise ShipyardError(f"a count of instances cannot be negative, got {replicas}")
+        op = await self._run_op(OperationRecord(
+            "scale", stack, service=service, priority=parse_priority(priority),
+            payload={"replicas": replicas, "manual": True}))
+        return op.result
+
+    async def resume_autoscale(self, stack: str, service: str) -> dict[str, Any]:
+        self._service(stack, service)
+        op = await self._run_op(OperationRecord("autoscale-resume", stack, service=service,
+                                                priority=1))
+        return op.result
+
+    async def top(self, stack: str) -> dict[str, Any]:
+        """Live figures per service and instance (CPU, memory, router traffic) and the
+        autoscaler's latest decisions."""
+        self._state(stack)
+        await self.autoscaler.sample_all(stack)
+        return self.autoscaler.view(stack)
 
     async def recover(self, stack: str, *, priority: str | int = "high") -> dict[str, Any]:
         """Partial recovery: restart only the failed services and their dependents."""

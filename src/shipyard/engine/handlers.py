@@ -12,7 +12,13 @@ from shipyard.engine.instance import InstanceSupervisor
 from shipyard.engine.preflight import preflight
 from shipyard.errors import NotFoundError, ShipyardError
 from shipyard.spec.models import Stack
-from shipyard.state.base import Event, InstanceRecord, InstanceState, OperationRecord
+from shipyard.state.base import (
+    Event,
+    InstanceRecord,
+    InstanceState,
+    OperationRecord,
+    StackRecord,
+)
 
 if TYPE_CHECKING:
     from shipyard.engine.engine import Engine
@@ -138,4 +144,59 @@ async def _wait_ready(engine: Engine, sup: InstanceSupervisor, timeout: float) -
         await engine.changed(min(deadline - time.monotonic(), 1.0))
 
 
-__all__ = ["apply", "down", "recover", "restart", "stop_stack"]
+async def scale(engine: Engine, op: OperationRecord) -> dict[str, Any]:
+    """Set a service's instance count: start the missing instances (they join the router
+    once ready) or drain and stop the extra ones; the others keep running. A manual scale
+    suspends the service's autoscaling. Resumed after a crash, it converges the same way."""
+    from shipyard.engine.deploy import stack_document
+    from shipyard.engine.rollout import scale_in_place
+
+    state = engine.stacks_state.get(op.stack)
+    if state is None or op.service not in state.stack.services:
+        raise NotFoundError(f"stack {op.stack} has no service {op.service}")
+    assert op.service is not None
+    replicas = int(op.payload["replicas"])
+    manual = bool(op.payload.get("manual"))
+    async with state.lock:
+        svc = state.stack.services[op.service]
+        if manual and svc.autoscale is not None:
+            engine.autoscaler.suspended.add((op.stack, op.service))
+        services = dict(state.stack.services)
+        services[op.service] = svc.model_copy(update={"replicas": replicas})
+        stack = state.stack.model_copy(update={"services": services})
+        revision = next((r.revision for r in await engine.store.list_services(op.stack)
+                         if r.name == op.service), 1)
+        before = len(state.instances_of(op.service))
+        added, removed = await scale_in_place(engine, state, stack, op.service, revision)
+        state.stack = stack
+        record = await engine.store.get_stack(op.stack)
+        await engine.store.put_stack(StackRecord(op.stack, stack_document(stack),
+                                                 status=record.status if record else "applied"))
+        why = op.payload.get("reason") or ("manual; autoscaling suspended until "
+                                           f"`shipyard autoscale {op.service} --resume`"
+                                           if manual and svc.autoscale else "manual")
+        await engine.record_event(Event(
+            "service.scaled", f"scaled from {before} to {replicas} instance(s) "
+            f"(+{added} -{removed}): {why}", stack=op.stack, service=op.service,
+            data={"from": before, "to": replicas, "manual": manual}))
+    fresh = [s for s in state.instances_of(op.service) if s.state not in
+             (InstanceState.READY, InstanceState.COMPLETED)]
+    for sup in fresh:
+        await _wait_ready(engine, sup, state.stack.deploy.timeout)
+    return {"ok": True, "replicas": replicas, "added": added, "removed": removed}
+
+
+async def resume_autoscale(engine: Engine, op: OperationRecord) -> dict[str, Any]:
+    state = engine.stacks_state.get(op.stack)
+    if state is None or op.service not in state.stack.services:
+        raise NotFoundError(f"stack {op.stack} has no service {op.service}")
+    if state.stack.services[op.service].autoscale is None:
+        raise ShipyardError(f"service {op.service} has no autoscale policy to resume")
+    engine.autoscaler.suspended.discard((op.stack, op.service))
+    engine.autoscaler.last_run.pop((op.stack, op.service), None)  # decide at the next tick
+    await engine.record_event(Event("autoscale.resumed", "autoscaling resumed",
+                                    stack=op.stack, service=op.service))
+    return {"ok": True}
+
+
+__all__ = ["apply", "down", "recover", "restart", "resume_autoscale", "scale", "stop_stack"]

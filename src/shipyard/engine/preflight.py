@@ -43,6 +43,7 @@ def host_capacity() -> HostCapacity:
 
 
 async def preflight(engine: Engine, stack: Stack) -> Checked:
+    stack = engine.autoscaler.override(stack)  # applying the file keeps autoscaled counts
     graph = DependencyGraph.from_stack(stack)  # PlanError: cycle, missing dependency
     problems: list[str] = []
     for name, svc in stack.services.items():
