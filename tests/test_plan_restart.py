@@ -99,3 +99,18 @@ def test_delays_stay_within_bounds_and_restarts_are_capped(
         assert not decision.restart
     if mode == "always" and (max_restarts is None or restarts < max_restarts):
         assert decision.restart
+
+
+def test_every_retry_shape_is_available_to_restarts() -> None:
+    from shipyard.plan.restart import backoff_delay
+    from shipyard.spec.models import RestartPolicy
+
+    def waits(backoff: str, draw: float = 0.5) -> list[float]:
+        policy = RestartPolicy(backoff=backoff, initial=1, max=5, jitter=0)
+        return [backoff_delay(policy, n, random=draw) for n in range(5)]
+
+    assert waits("fixed") == [1, 1, 1, 1, 1]
+    assert waits("linear") == [1, 2, 3, 4, 5]
+    assert waits("exponential") == [1, 2, 4, 5, 5]
+    assert waits("exponential_jitter", 0.5) == [0.5, 1, 2, 2.5, 2.5]
+    assert waits("exponential_jitter", 0.0) == [0, 0, 0, 0, 0]

@@ -59,13 +59,20 @@ def decide_restart(
 
 
 def backoff_delay(policy: RestartPolicy, restarts: int, *, random: float = 0.5) -> float:
-    """The wait before restart number `restarts + 1`: `initial * 2**restarts` capped at
-    `max` (or `initial` for fixed backoff), spread by ±jitter, always within [0, max]."""
+    """The wait before restart number `restarts + 1`, always within [0, max]: `initial`
+    (fixed), `initial * (1 + restarts)` (linear) or `initial * 2**restarts` (exponential)
+    capped at `max` and spread by ±jitter; for exponential_jitter, a draw from the whole
+    range [0, that cap] ("full jitter", which replaces `jitter`)."""
+    n = min(max(restarts, 0), _MAX_DOUBLINGS)
     if policy.backoff == "fixed":
         base = policy.initial
+    elif policy.backoff == "linear":
+        base = policy.initial * (1.0 + n)
     else:
-        base = policy.initial * 2.0 ** min(max(restarts, 0), _MAX_DOUBLINGS)
+        base = policy.initial * 2.0 ** n
     base = min(base, policy.max)
     draw = min(max(random, 0.0), 1.0)
+    if policy.backoff == "exponential_jitter":
+        return base * draw
     spread = base * (1.0 - policy.jitter + 2.0 * policy.jitter * draw)
     return min(max(spread, 0.0), policy.max)

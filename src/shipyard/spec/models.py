@@ -134,7 +134,10 @@ class Resources(Model):
 
 class RestartPolicy(Model):
     policy: RestartMode = RestartMode.ON_FAILURE
-    backoff: Literal["exponential", "fixed"] = "exponential"
+    # the retry shapes of reliability/retry.py: fixed, linear (initial * (1 + n)),
+    # exponential (initial * 2**n), exponential_jitter (uniform(0, initial * 2**n): "full
+    # jitter", so that instances crashing together do not restart together)
+    backoff: Literal["exponential", "fixed", "linear", "exponential_jitter"] = "exponential"
     initial: Duration = 1.0
     max: Duration = 60.0
     max_restarts: int | None = Field(10, ge=0)  # None = unlimited
