@@ -597,3 +597,43 @@ async def test_revision_history_limit(engine: Engine, tmp_path: Path) -> None:
                            deploy={"revision_history_limit": 2})
         assert (await engine.apply(stack)).ok
     assert [h["revision"] for h in await engine.history("t", "a")] == [3, 4]
+
+
+async def test_transient_launch_failure_is_retried_and_permanent_one_is_not(
+        engine: Engine, tmp_path: Path) -> None:
+    """Out of file descriptors for real (RLIMIT_NOFILE lowered in this process until the
+    first retry is announced): the start fails with EMFILE, is retried with backoff, and
+    succeeds once the limit is back. A command that does not exist fails at once, without
+    retries."""
+    import logging
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    class RestoreOnRetry(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "retrying in" in record.getMessage():
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    handler = RestoreOnRetry()
+    logging.getLogger("shipyard.engine.instance").addHandler(handler)
+    stack = make_stack(tmp_path, {"a": svc()})
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 1, hard))
+    try:
+        result = await engine.apply(stack)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        logging.getLogger("shipyard.engine.instance").removeHandler(handler)
+    assert result.ok, result
+    retries = [e.message for e in await engine.store.list_events(stack="t")
+               if e.kind == "instance.launch-retry"]
+    assert retries and "Too many open files" in retries[0], retries
+    garbage = tmp_path / "not-a-program"  # executable bit, but no format exec knows
+    garbage.write_bytes(b"\x00\x01\x02\x03")
+    garbage.chmod(0o755)
+    broken = make_stack(tmp_path, {"b": {"command": [str(garbage)], "restart": "no"}},
+                        name="t2")
+    result = await engine.apply(broken)
+    assert not result.ok and "Exec format error" in result.failed["b"], result.failed
+    kinds = [e.kind for e in await engine.store.list_events(stack="t2")]
+    assert "instance.launch-retry" not in kinds

@@ -66,6 +66,13 @@ class RuntimeLaunchError(ShipyardError):
     """An instance could not be started (command not found, missing workdir...)."""
 
 
+class TransientLaunchError(RuntimeLaunchError):
+    """An instance could not be started now, for a reason that may pass: the system is out
+    of processes, memory or file descriptors, or the container engine does not answer.
+    Retried with backoff behind the service's runtime circuit breaker; a permanent launch
+    error (command not found) is not retried."""
+
+
 class StoreError(ShipyardError):
     """The state store is locked, unreadable or inconsistent."""
 

@@ -406,6 +406,10 @@ class Engine:
         event = Event(f"circuit.{new.value}", f"circuit {old.value} → {new.value}: {reason}",
                       stack=stack or None, service=service or None,
                       data={"breaker": breaker.name, "from": old.value, "to": new.value})
+        self.emit_soon(event)
+
+    def emit_soon(self, event: Event) -> None:
+        """Record `event` from synchronous code (a callback): in a task of its own."""
         task = asyncio.get_running_loop().create_task(self.record_event(event))
         self._circuit_events.add(task)
         task.add_done_callback(self._circuit_events.discard)

@@ -13,11 +13,12 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from shipyard.engine.environment import instance_argv, instance_environment, instance_workdir
-from shipyard.errors import RuntimeLaunchError
+from shipyard.errors import RuntimeLaunchError, TransientLaunchError
 from shipyard.health.monitor import ProbeMonitor
 from shipyard.health.probes import ProbeResult
 from shipyard.plan.restart import decide_restart
-from shipyard.reliability.breaker import CircuitBreaker
+from shipyard.reliability.breaker import CircuitBreaker, CircuitOpenError
+from shipyard.reliability.retry import Backoff, RetryExhaustedError, RetryPolicy, retry_async
 from shipyard.runtime.base import Handle, LaunchSpec
 from shipyard.spec.interpolate import expand
 from shipyard.spec.models import Probe, RestartMode, Service, Stack
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 # once it has stayed up this long (with a probe, reaching ready is the success).
 STABLE_WITHOUT_PROBE = 1.0
 TERMINAL = (InstanceState.STOPPED, InstanceState.COMPLETED, InstanceState.FAILED)
+# Starting a process again after a transient failure (out of processes, memory, fds):
+# quickly, a few times, with full jitter so that many instances do not retry in step.
+LAUNCH_RETRY = RetryPolicy(backoff=Backoff.EXPONENTIAL_JITTER, initial=0.1, max_delay=2.0,
+                           max_attempts=6, deadline=10.0)
 
 
 class InstanceSupervisor:
@@ -247,8 +252,11 @@ class InstanceSupervisor:
                 stop_signal=svc.stop.signal, stop_timeout=svc.stop.timeout,
                 cpu_limit=svc.resources.cpu, memory_limit=svc.resources.memory,
             )
-            handle = await eng.runtime.start(spec)
-        except RuntimeLaunchError as exc:
+            handle = await retry_async(
+                LAUNCH_RETRY, eng.runtime.start, spec, retry_on=TransientLaunchError,
+                on_retry=self._launch_retry,
+                breaker=eng.breakers.get(f"runtime:{rec.stack}/{rec.service}"))
+        except (RuntimeLaunchError, RetryExhaustedError, CircuitOpenError) as exc:
             await self._set(InstanceState.FAILED, exc.message, "instance.failed", ready=False)
             return None
         self.ever_started = True
@@ -257,6 +265,14 @@ class InstanceSupervisor:
                         cgroup=handle.cgroup, runtime=dict(handle.extra),
                         started_at=time.time(), ready=False, health="unknown")
         return handle
+
+    def _launch_retry(self, attempt: int, error: BaseException, wait: float) -> None:
+        log.warning("%s: start attempt %d failed (%s); retrying in %.2fs", self.name, attempt,
+                    error, wait)
+        self.engine.emit_soon(Event("instance.launch-retry",
+                                    f"start attempt {attempt} failed: {error}; retrying in "
+                                    f"{wait:.2f}s", stack=self.record.stack,
+                                    service=self.record.service, instance=self.name))
 
     async def _supervise(self, handle: Handle) -> tuple[int | None, str | None]:
         """Probe the instance until it exits; its exit code and a reason if we know one."""

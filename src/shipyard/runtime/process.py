@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -22,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 
-from shipyard.errors import RuntimeLaunchError
+from shipyard.errors import RuntimeLaunchError, TransientLaunchError
 from shipyard.runtime import procscan
 from shipyard.runtime.base import Handle, LaunchSpec, Runtime
 from shipyard.runtime.cgroups import TOP, CgroupMode, InstanceCgroup, detect, prune_empty
@@ -39,6 +40,11 @@ from shipyard.runtime.spawn import (
 from shipyard.runtime.threadspawn import ThreadSpawner
 
 log = logging.getLogger("shipyard.runtime.process")
+# Failures to start a process that may pass on their own: out of processes, memory, file
+# descriptors; an executable being written. Anything else (not found, not executable) is
+# permanent and not retried.
+TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE,
+                              errno.ETXTBSY, errno.EINTR})
 
 OOM_KILLED = "oom-killed"
 KILL_PATIENCE = 30.0  # how long stop() keeps SIGKILLing before giving up with an error
@@ -180,7 +186,8 @@ class ProcessRuntime(Runtime):
                         " limits not enforced", spec.service, cgroup, exc)
             return None
         except OSError as exc:
-            raise RuntimeLaunchError(
+            error = TransientLaunchError if exc.errno in TRANSIENT_ERRNOS else RuntimeLaunchError
+            raise error(
                 f"service {spec.service}: cannot execute {spec.argv[0]!r}: "
                 f"{exc.strerror or exc}") from exc
 
