@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from shipyard import __version__
+from shipyard.cli.commands_import import import_
 from shipyard.cli.commands_k8s import k8s
 from shipyard.cli.commands_ops import history, ops, recover, restart, rollback
 from shipyard.cli.commands_read import events, logs, ps
@@ -39,7 +40,7 @@ def cli(ctx: click.Context, home: Path | None) -> None:
 
 
 for command in (up, down, ps, logs, events, plan, validate, schema, server, version, restart,
-                recover, ops, history, rollback):
+                recover, ops, history, rollback, import_):
     cli.add_command(command)
 cli.add_command(state)
 cli.add_command(k8s)

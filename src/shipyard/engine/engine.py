@@ -36,6 +36,8 @@ from shipyard.reliability.breaker import BreakerConfig, CircuitBreaker, CircuitS
 from shipyard.reliability.registry import BreakerRegistry
 from shipyard.resources.ports import PortAllocator
 from shipyard.runtime.base import Handle, Runtime
+from shipyard.runtime.container import ContainerRuntime
+from shipyard.runtime.dispatch import DispatchRuntime
 from shipyard.runtime.logs import rotate_if_needed
 from shipyard.runtime.process import ProcessRuntime
 from shipyard.spec.models import Stack
@@ -77,7 +79,11 @@ class Engine:
         self.config = config or EngineConfig()
         # One cgroup subtree per Shipyard home, so two homes never touch each other's.
         digest = hashlib.sha1(str(self.config.home).encode()).hexdigest()[:8]
-        self.runtime: Runtime = runtime or ProcessRuntime(cgroup_name=f"shipyard-{digest}")
+        # processes, and containers for services with an image (the container engine is
+        # contacted on first use only)
+        self.runtime: Runtime = runtime or DispatchRuntime(
+            ProcessRuntime(cgroup_name=f"shipyard-{digest}"),
+            lambda: ContainerRuntime(self.config.home))
         self.store: StateStore = open_store(self.config.store_url)
         self.metrics = EngineMetrics(self._instance_states)
         self.registry = self.metrics.registry

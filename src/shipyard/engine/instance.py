@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,7 @@ from shipyard.plan.restart import decide_restart
 from shipyard.reliability.breaker import CircuitBreaker, CircuitOpenError
 from shipyard.reliability.retry import Backoff, RetryExhaustedError, RetryPolicy, retry_async
 from shipyard.runtime.base import Handle, LaunchSpec
+from shipyard.runtime.container_spec import container_spec
 from shipyard.spec.interpolate import expand
 from shipyard.spec.models import Probe, RestartMode, Service, Stack
 from shipyard.spec.units import format_duration
@@ -245,12 +247,13 @@ class InstanceSupervisor:
             env = self._environment()
             spec = LaunchSpec(
                 stack=rec.stack, service=rec.service, instance=rec.instance,
-                argv=instance_argv(rec.service, svc, env), env=env,
+                argv=instance_argv(rec.service, svc, env) if svc.command else [], env=env,
                 workdir=instance_workdir(self.stack, svc),
                 log_path=str(eng.config.log_path(rec.stack, rec.instance)),
                 log_max_bytes=eng.config.log_max_bytes, log_backups=eng.config.log_backups,
                 stop_signal=svc.stop.signal, stop_timeout=svc.stop.timeout,
                 cpu_limit=svc.resources.cpu, memory_limit=svc.resources.memory,
+                container=container_spec(self.stack, rec.service) if svc.image else None,
             )
             handle = await retry_async(
                 LAUNCH_RETRY, eng.runtime.start, spec, retry_on=TransientLaunchError,
@@ -287,10 +290,12 @@ class InstanceSupervisor:
             # Without a probe, only staying up is evidence that a run went well.
             stable = asyncio.create_task(self._succeed_after(STABLE_WITHOUT_PROBE))
         else:
-            self._readiness = self._monitor(readiness, "readiness", self._on_readiness)
+            self._readiness = self._monitor(readiness, "readiness", self._on_readiness,
+                                            handle)
             monitors.append(self._readiness)
         if liveness is not None:
-            monitors.append(self._monitor(liveness, "liveness", self._on_liveness(handle)))
+            monitors.append(self._monitor(liveness, "liveness", self._on_liveness(handle),
+                                          handle))
         for monitor in monitors:
             monitor.start()
         try:
@@ -308,7 +313,8 @@ class InstanceSupervisor:
         return code, reason
 
     def _monitor(self, probe: Probe, which: str,
-                 on_change: Callable[[bool, ProbeResult], Awaitable[None]]) -> ProbeMonitor:
+                 on_change: Callable[[bool, ProbeResult], Awaitable[None]],
+                 handle: Handle) -> ProbeMonitor:
         rec, metrics = self.record, self.engine.metrics
         env = self._environment()
         if probe.exec is not None:  # ${PORT} and friends, as in the command
@@ -321,8 +327,19 @@ class InstanceSupervisor:
             if not result.ok:
                 failures.inc()
 
+        runner = None
+        if handle.extra.get("runtime") == "container":  # exec probes run inside it
+            from shipyard.runtime.container_exec import exec_probe
+
+            container = getattr(self.engine.runtime, "container", self.engine.runtime)
+            own = {k: v for k, v in env.items() if k not in os.environ or k in self.service.env}
+
+            async def runner(p: Probe) -> ProbeResult:
+                return await exec_probe(container, handle, p, own)
+
         return ProbeMonitor(probe, rec.ports, on_change, on_result=on_result, env=env,
-                            cwd=instance_workdir(self.stack, self.service))
+                            cwd=instance_workdir(self.stack, self.service),
+                            exec_runner=runner)
 
     async def _succeed_after(self, seconds: float) -> None:
         await asyncio.sleep(seconds)

@@ -46,10 +46,6 @@ async def preflight(engine: Engine, stack: Stack) -> Checked:
     stack = engine.autoscaler.override(stack)  # applying the file keeps autoscaled counts
     graph = DependencyGraph.from_stack(stack)  # PlanError: cycle, missing dependency
     problems: list[str] = []
-    for name, svc in stack.services.items():
-        if svc.command is None:
-            problems.append(f"service {name}: image {svc.image!r} needs the container runtime, "
-                            "which is not available yet; give it a command")
     previous_rec = await engine.store.get_stack(stack.name)
     previous = Stack.model_validate(previous_rec.spec) if previous_rec else None
     recorded: dict[str, dict[str, Any]] = {}
@@ -77,7 +73,7 @@ async def preflight(engine: Engine, stack: Stack) -> Checked:
 def _command_problems(stack: Stack) -> list[str]:
     out = []
     for name, svc in stack.services.items():
-        if svc.command is None:
+        if svc.command is None or svc.image is not None:  # a container's command runs in it
             continue
         workdir = Path(instance_workdir(stack, svc))
         if not workdir.is_dir():

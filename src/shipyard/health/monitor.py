@@ -66,8 +66,11 @@ class ProbeMonitor:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         on_result: Callable[[ProbeResult], None] | None = None,
+        exec_runner: Callable[[Probe], Awaitable[ProbeResult]] | None = None,
     ) -> None:
         self.probe = probe
+        # where an exec probe runs instead of on the host (inside a container)
+        self.exec_runner = exec_runner
         self.ports = dict(ports)
         self.env = env
         self.cwd = cwd
@@ -118,7 +121,10 @@ class ProbeMonitor:
         next_at = loop.time()
         while not self._stopping:
             try:
-                result = await run_probe(probe, self.ports, env=self.env, cwd=self.cwd)
+                if probe.exec is not None and self.exec_runner is not None:
+                    result = await self.exec_runner(probe)
+                else:
+                    result = await run_probe(probe, self.ports, env=self.env, cwd=self.cwd)
             except Exception as exc:  # a bug, not the instance's fault: count it as a failure
                 log.exception("probe raised")
                 result = ProbeResult(False, 0.0, f"probe error: {exc!r}")

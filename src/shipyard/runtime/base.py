@@ -9,6 +9,8 @@ import os
 import signal
 from dataclasses import dataclass, field
 
+from shipyard.runtime.container_spec import ContainerSpec
+
 
 @dataclass(frozen=True)
 class LaunchSpec:
@@ -27,6 +29,7 @@ class LaunchSpec:
     stop_timeout: float = 10.0
     cpu_limit: float = 0.0  # cores; 0 = unlimited
     memory_limit: int = 0  # bytes; 0 = unlimited
+    container: ContainerSpec | None = None  # set for a service with an image
 
 
 @dataclass

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from shipyard.errors import Issue, SpecError
 from shipyard.spec.checks import cross_check
+from shipyard.spec.compose import import_document, looks_like_compose
 from shipyard.spec.interpolate import InterpolationError, resolve_now
 from shipyard.spec.issues import data_path, did_you_mean, field_names, show, translate
 from shipyard.spec.models import Service, Stack
@@ -96,6 +97,10 @@ def _load(
     for path, message, line in doc.problems:
         out.add(path, message, line, bad=not message.startswith("duplicate key"))
     data = doc.data
+    if isinstance(data, dict) and looks_like_compose(data, file):
+        env = os.environ if environ is None else environ
+        profiles = [p.strip() for p in env.get("COMPOSE_PROFILES", "").split(",") if p.strip()]
+        data = import_document(doc, default_name(base), profiles)
     if not isinstance(data, dict):
         if not doc.problems:
             got = (

@@ -23,6 +23,7 @@ from pydantic import (
 
 from shipyard.spec.autoscale import AutoscalePolicy
 from shipyard.spec.base import NAME_RE, Cpu, Duration, Model, Size
+from shipyard.spec.container import Build, Entrypoint, Mount, PullPolicy
 from shipyard.spec.update import UpdatePolicy
 
 __all__ = ["NAME_RE", "AutoscalePolicy", "Cpu", "Duration", "Model", "Size", "UpdatePolicy"]
@@ -212,6 +213,12 @@ class Service(Model):
     command: list[str] | None = None
     shell: bool = False
     image: str | None = None
+    # containers (a service with `image`): how to get the image, and what it mounts
+    build: Build | None = None
+    pull_policy: PullPolicy = PullPolicy.MISSING
+    entrypoint: Entrypoint = None
+    volumes: list[Mount] = Field(default_factory=list)
+    pids_limit: int = Field(0, ge=0)
     version: str | None = None
     workdir: str | None = None
     env: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,72 @@
+"""The engine with a stack that mixes a container (real podman, a busybox image built FROM
+scratch) and a process: health-gated in dependency order, an exec probe that runs inside
+the container, the container behind the router, and `down` removing it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shipyard import Engine, EngineConfig
+from shipyard.runtime.podman import PodmanService
+from shipyard.spec.models import Stack
+from tests.conftest import port_range
+from tests.podman_env import busybox_image, podman, why_podman_cannot_run
+from tests.test_engine import svc
+from tests.test_rollout import free_port
+
+REASON = why_podman_cannot_run()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"podman cannot run: {REASON}")
+
+HTTPD = ("mkdir -p /www && echo \"hello from $SHIPYARD_INSTANCE\" > /www/index.html && "
+         "trap 'exit 0' TERM; httpd -f -p 127.0.0.1:$PORT -h /www & wait")
+
+
+@pytest.fixture(scope="module")
+def container_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    service = PodmanService(tmp_path_factory.mktemp("podman-engine"))
+    url = service.ensure()
+    try:
+        yield url
+    finally:
+        service.stop()
+
+
+async def test_mixed_stack_of_a_container_and_a_process(
+        tmp_path: Path, container_host: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHIPYARD_CONTAINER_HOST", container_host)
+    expose = free_port()
+    stack = Stack.model_validate({
+        "name": "mix", "ports": {"range": port_range()}, "deploy": {"timeout": "60s"},
+        "services": {
+            "web": {"image": busybox_image(), "command": ["sh", "-c", HTTPD],
+                    "ports": {"http": "auto"}, "expose": expose, "replicas": 2,
+                    "stop": {"timeout": "3s"},
+                    "health": {"readiness": {"exec": ["test", "-s", "/www/index.html"],
+                                             "interval": "200ms"}}},
+            "client": svc("--env-out", str(tmp_path / "client.env"),
+                          depends_on={"web": "healthy"}),
+        },
+        "base_dir": str(tmp_path)})
+    async with Engine(EngineConfig(home=tmp_path / "home", stop_on_exit=True)) as engine:
+        result = await engine.apply(stack)
+        assert result.ok, result
+        web = await engine.instances("mix", "web")
+        assert all(i.ready and i.runtime.get("runtime") == "container" for i in web), web
+        env = json.loads((tmp_path / "client.env").read_text())
+        assert env["WEB_URL"] == f"http://127.0.0.1:{expose}"
+        def get() -> str:  # in a thread: the router runs in this event loop
+            with urllib.request.urlopen(env["WEB_URL"] + "/", timeout=5) as answer:
+                return str(answer.read().decode().strip())
+
+        seen = {await asyncio.to_thread(get) for _ in range(6)}
+        assert seen == {"hello from web-1", "hello from web-2"}
+        await engine.down("mix")
+    left = podman("ps", "-a", "--filter", "label=shipyard.stack=mix", "--format", "{{.ID}}",
+                  "--url", container_host)
+    assert left.stdout.strip() == ""
