@@ -24,9 +24,11 @@ from pydantic import (
 from shipyard.spec.autoscale import AutoscalePolicy
 from shipyard.spec.base import NAME_RE, Cpu, Duration, Model, Size
 from shipyard.spec.container import Build, Entrypoint, Mount, PullPolicy
+from shipyard.spec.placement import PlacementPolicy
 from shipyard.spec.update import UpdatePolicy
 
-__all__ = ["NAME_RE", "AutoscalePolicy", "Cpu", "Duration", "Model", "Size", "UpdatePolicy"]
+__all__ = ["NAME_RE", "AutoscalePolicy", "Cpu", "Duration", "Model", "PlacementPolicy", "Size",
+           "UpdatePolicy"]
 
 
 class Condition(StrEnum):
@@ -237,6 +239,7 @@ class Service(Model):
     # How a changed spec replaces the running instances (rolling, blue-green, canary).
     update: UpdatePolicy = Field(default_factory=UpdatePolicy)
     autoscale: AutoscalePolicy | None = None
+    placement: PlacementPolicy = Field(default_factory=PlacementPolicy)  # across nodes
 
     @model_validator(mode="before")
     @classmethod
