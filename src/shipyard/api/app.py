@@ -3,6 +3,10 @@
 Routes are versioned under `/v1`; `/healthz`, `/metrics` (Prometheus) and `/openapi.json`
 sit at the root. Every `ShipyardError` becomes a JSON body `{"error", "hint", "exit_code",
 "kind"}` with a status that says whose fault it is; nothing ever answers with a traceback.
+
+Every request is authenticated by `SecurityMiddleware`, and every route declares the
+permission it needs with `dependencies=[allow(RESOURCE, VERB)]` (see
+`shipyard.security.permissions`); a route without one fails the test suite.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
@@ -38,8 +43,12 @@ from shipyard.api.models import (
     instance_view,
     operation_view,
 )
+from shipyard.api.security_routes import security_router
 from shipyard.engine.results import DeployResult, PlanReport
 from shipyard.errors import Issue, NotFoundError, ShipyardError, SpecError
+from shipyard.security.guard import Security
+from shipyard.security.middleware import SecurityMiddleware
+from shipyard.security.permissions import allow, grant_of, require_declared
 from shipyard.spec.models import Stack
 from shipyard.state.base import InstanceRecord, OpState
 
@@ -51,6 +60,8 @@ log = logging.getLogger("shipyard.api")
 NDJSON = "application/x-ndjson"
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "invalid input (exit code 2)"},
+    401: {"model": ErrorBody, "description": "not authenticated"},
+    403: {"model": ErrorBody, "description": "not allowed for this identity's role"},
     404: {"model": ErrorBody, "description": "no such stack, service or instance"},
     409: {"model": ErrorBody, "description": "the operation failed"},
     422: {"model": ErrorBody, "description": "malformed request body or parameters, with "
@@ -91,21 +102,38 @@ def stack_from_document(document: dict[str, Any]) -> Stack:
         ]) from None
 
 
-def create_app(engine: Engine) -> FastAPI:
-    app = FastAPI(title="Shipyard", version=__version__, openapi_url="/openapi.json",
-                  description="The Shipyard control plane.")
+def create_app(engine: Engine, security: Security | None = None) -> FastAPI:
+    """The API of `engine`. `security` is what the server built for its home; without
+    one the app is for in-process use (an ASGI transport, no server): a request that did
+    not come through the server's listeners is then the process itself, admin."""
+    if security is None:
+        security = Security.for_home(engine.config.home, trust_in_process=True)
+    app = FastAPI(title="Shipyard", version=__version__, openapi_url=None, docs_url=None,
+                  redoc_url=None, description="The Shipyard control plane.")
     app.state.api = ApiState(engine)
+    app.state.security = security
+    app.add_middleware(SecurityMiddleware, security=security)
     _install_error_handlers(app)
 
-    @app.get("/healthz", tags=["meta"])
+    @app.get("/healthz", tags=["meta"], dependencies=[allow("system", "read")])
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "pid": os.getpid()}
 
-    @app.get("/metrics", tags=["meta"], response_class=Response)
+    @app.get("/metrics", tags=["meta"], response_class=Response,
+             dependencies=[allow("system", "read")])
     async def metrics(api: Api) -> Response:
         return Response(generate_latest(api.engine.registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[allow("system", "read")])
+    async def openapi() -> JSONResponse:
+        if app.openapi_schema is None:
+            app.openapi_schema = get_openapi(title=app.title, version=app.version,
+                                             description=app.description, routes=app.routes)
+        return JSONResponse(app.openapi_schema)
+
     app.include_router(_router())
+    app.include_router(security_router(), responses=ERRORS)
+    require_declared(app)
     return app
 
 
@@ -117,9 +145,10 @@ def close_streams(app: FastAPI) -> None:
 def _router() -> APIRouter:
     router = APIRouter(prefix="/v1", responses=ERRORS)
 
-    @router.get("/stacks", tags=["stacks"])
-    async def list_stacks(api: Api) -> list[StackSummary]:
-        records = await api.engine.stacks()
+    @router.get("/stacks", tags=["stacks"], dependencies=[allow("stacks", "read", listing=True)])
+    async def list_stacks(api: Api, request: Request) -> list[StackSummary]:
+        grant = grant_of(request)
+        records = [r for r in await api.engine.stacks() if grant.sees(r.name)]
         counts = await _instance_counts(api.engine)
         return [StackSummary(name=r.name, status=r.status,
                              services=sorted(r.spec.get("services", {})),
@@ -129,6 +158,7 @@ def _router() -> APIRouter:
                 for r in sorted(records, key=lambda r: r.name)]
 
     @router.post("/stacks", tags=["stacks"], status_code=200,
+                 dependencies=[allow("stacks", "deploy")],
                  responses={200: {"model": DeployResult, "description": "deployed (wait)"},
                             202: {"model": Submitted, "description": "deploying (no wait)"}})
     async def apply_stack(body: ApplyRequest, api: Api) -> JSONResponse:
@@ -145,11 +175,11 @@ def _router() -> APIRouter:
         result = await _result_of(task, stack.name)
         return JSONResponse(result.as_dict(), status_code=200)
 
-    @router.post("/plan", tags=["stacks"])
+    @router.post("/plan", tags=["stacks"], dependencies=[allow("stacks", "plan")])
     async def plan(body: PlanRequest, api: Api) -> PlanReport:
         return await api.engine.plan(stack_from_document(body.stack))
 
-    @router.get("/stacks/{name}", tags=["stacks"])
+    @router.get("/stacks/{name}", tags=["stacks"], dependencies=[allow("stacks", "read")])
     async def get_stack(name: str, api: Api) -> StackDetail:
         record = await api.engine.store.get_stack(name)
         if record is None:
@@ -163,7 +193,8 @@ def _router() -> APIRouter:
                            created_at=record.created_at, updated_at=record.updated_at,
                            spec=record.spec, instance_records=instances)
 
-    @router.get("/stacks/{name}/deploy", tags=["stacks"])
+    @router.get("/stacks/{name}/deploy", tags=["stacks"],
+                dependencies=[allow("stacks", "read")])
     async def wait_deploy(name: str, api: Api) -> DeployResult:
         """The result of the stack's running deploy (waiting for it) or of its last one."""
         task = api.deploys.get(name)
@@ -171,13 +202,13 @@ def _router() -> APIRouter:
             return await _result_of(task, name)
         return await api.engine.wait_deploy(name)
 
-    @router.delete("/stacks/{name}", tags=["stacks"])
+    @router.delete("/stacks/{name}", tags=["stacks"], dependencies=[allow("stacks", "delete")])
     async def down(name: str, api: Api) -> dict[str, str]:
         await api.engine.down(name)
         api.deploys.pop(name, None)
         return {"stack": name, "status": "down"}
 
-    @router.get("/instances", tags=["instances"])
+    @router.get("/instances", tags=["instances"], dependencies=[allow("services", "read")])
     async def instances(api: Api, stack: str | None = None,
                         service: str | None = None) -> list[dict[str, Any]]:
         if service is not None and stack is None:
@@ -185,7 +216,7 @@ def _router() -> APIRouter:
         records = await api.engine.instances(stack=stack, service=service)
         return [instance_view(r) for r in records]
 
-    @router.get("/events", tags=["events"],
+    @router.get("/events", tags=["events"], dependencies=[allow("events", "read")],
                 responses={200: {"content": {NDJSON: {}},
                                  "description": "a JSON list, or NDJSON when following"}})
     async def events(api: Api, after: Annotated[int, Query(ge=0)] = 0,
@@ -201,7 +232,8 @@ def _router() -> APIRouter:
                                         service=service)
         return JSONResponse([event_view(e) for e in found])
 
-    @router.get("/operations", tags=["operations"])
+    @router.get("/operations", tags=["operations"],
+                dependencies=[allow("operations", "read")])
     async def operations(api: Api, stack: str | None = None,
                          state: Annotated[list[OpState] | None, Query()] = None,
                          limit: Annotated[int, Query(ge=1, le=10000)] = 100,
@@ -211,14 +243,16 @@ def _router() -> APIRouter:
             states=tuple(state) if state else None, stack=stack, limit=limit)
         return [operation_view(op) for op in found]
 
-    @router.get("/operations/{op_id}", tags=["operations"])
-    async def operation(op_id: int, api: Api) -> dict[str, Any]:
+    @router.get("/operations/{op_id}", tags=["operations"],
+                dependencies=[allow("operations", "read", listing=True)])
+    async def operation(op_id: int, api: Api, request: Request) -> dict[str, Any]:
         op = await api.engine.store.get_operation(op_id)
-        if op is None:
+        if op is None or not grant_of(request).sees(op.stack):
             raise NotFoundError(f"no operation {op_id}")
         return operation_view(op)
 
     @router.post("/stacks/{name}/services/{service}/restart", tags=["operations"],
+                 dependencies=[allow("services", "restart")],
                  responses={**ERRORS, 503: {"model": ErrorBody, "description": "busy"}})
     async def restart(name: str, service: str, body: RestartRequest,
                       api: Api) -> dict[str, Any]:
@@ -227,12 +261,14 @@ def _router() -> APIRouter:
         return await api.engine.restart(name, service, rolling=body.rolling,
                                         priority=body.priority)
 
-    @router.get("/stacks/{name}/services/{service}/revisions", tags=["revisions"])
+    @router.get("/stacks/{name}/services/{service}/revisions", tags=["revisions"],
+                dependencies=[allow("services", "read")])
     async def revisions(name: str, service: str, api: Api) -> list[dict[str, Any]]:
         """The service's revisions, oldest first: when, what changed, outcome, current."""
         return await api.engine.history(name, service)
 
     @router.post("/stacks/{name}/services/{service}/rollback", tags=["revisions"],
+                 dependencies=[allow("services", "rollback")],
                  responses={**ERRORS, 503: {"model": ErrorBody, "description": "busy"}})
     async def rollback(name: str, service: str, body: RollbackRequest,
                        api: Api) -> DeployResult:
@@ -241,18 +277,19 @@ def _router() -> APIRouter:
         return await api.engine.rollback(name, service, to=body.to, priority=body.priority)
 
     @router.post("/stacks/{name}/recover", tags=["operations"],
+                 dependencies=[allow("stacks", "recover")],
                  responses={**ERRORS, 503: {"model": ErrorBody, "description": "busy"}})
     async def recover(name: str, api: Api) -> dict[str, Any]:
         """Partial recovery, as an operation: restart only the failed services and their
         dependents; answers once it is done."""
         return await api.engine.recover(name)
 
-    @router.get("/events/latest", tags=["events"])
+    @router.get("/events/latest", tags=["events"], dependencies=[allow("events", "read")])
     async def latest_event(api: Api) -> dict[str, int]:
         """The sequence number of the newest event, to follow from "now"."""
         return {"seq": await streams.latest_seq(api.engine.store)}
 
-    @router.get("/stacks/{name}/logs", tags=["logs"],
+    @router.get("/stacks/{name}/logs", tags=["logs"], dependencies=[allow("services", "read")],
                 responses={200: {"content": {"text/plain": {}},
                                  "description": "lines prefixed with 'instance | '"}})
     async def logs(name: str, api: Api, service: str | None = None,

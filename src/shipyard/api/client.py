@@ -1,4 +1,6 @@
-"""A synchronous client of the control plane, over its unix socket (or a base URL).
+"""A synchronous client of the control plane, over its unix socket (or a base URL: https
+with TLS verified against `ca`, or not at all with `insecure`; a bearer `token` and a client
+certificate `cert`/`key` authenticate it).
 
 Methods mirror the routes; followed streams are iterators. Errors the server reports come
 back as the same `ShipyardError` subclasses the engine raised; no server at all is
@@ -8,6 +10,7 @@ back as the same `ShipyardError` subclasses the engine raised; no server at all 
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +27,7 @@ from shipyard.api.models import (
     submitted_from_dict,
 )
 from shipyard.engine.results import DeployResult, PlanReport
-from shipyard.errors import ShipyardError
+from shipyard.errors import InputError, ShipyardError
 from shipyard.spec.models import Stack
 
 UDS_BASE = "http://shipyard"
@@ -54,19 +57,36 @@ def _document(stack: Stack | dict[str, Any]) -> dict[str, Any]:
     return stack if isinstance(stack, dict) else stack_document(stack)
 
 
+class TLSFailure(ShipyardError):
+    """The server's certificate (or ours) was not accepted."""
+
+
 class Client:
     def __init__(self, socket_path: Path | None = None, base_url: str | None = None, *,
-                 timeout: httpx.Timeout = TIMEOUT) -> None:
+                 timeout: httpx.Timeout = TIMEOUT, token: str | None = None,
+                 ca: Path | None = None, insecure: bool = False, cert: Path | None = None,
+                 key: Path | None = None) -> None:
         if (socket_path is None) == (base_url is None):
             raise ValueError("give exactly one of socket_path and base_url")
+        headers = {"authorization": f"Bearer {token}"} if token else {}
         if socket_path is not None:
             self.where = str(socket_path)
             transport = httpx.HTTPTransport(uds=str(socket_path))
-            self._http = httpx.Client(transport=transport, base_url=UDS_BASE, timeout=timeout)
+            self._http = httpx.Client(transport=transport, base_url=UDS_BASE, timeout=timeout,
+                                      headers=headers)
         else:
             assert base_url is not None
+            if not base_url.startswith(("https://", "http://")):
+                raise InputError(f"invalid server URL {base_url!r}",
+                                 hint="expected https://HOST:PORT")
             self.where = base_url
-            self._http = httpx.Client(base_url=base_url, timeout=timeout)
+            verify: ssl.SSLContext | bool = True
+            if base_url.startswith("https://"):
+                from shipyard.security.tls import client_context
+
+                verify = client_context(ca, insecure=insecure, cert=cert, key=key)
+            self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=headers,
+                                      verify=verify)
 
     def close(self) -> None:
         self._http.close()
@@ -155,6 +175,35 @@ class Client:
     def down(self, name: str) -> None:
         self._json("DELETE", f"/v1/stacks/{name}", timeout=NO_READ_TIMEOUT)
 
+    # -- security ---------------------------------------------------------------------
+    def whoami(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", "/v1/whoami")
+        return result
+
+    def tokens(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._json("GET", "/v1/tokens")
+        return result
+
+    def create_token(self, role: str, *, stack: str | None = None, ttl: str | None = "30d",
+                     name: str = "") -> dict[str, Any]:
+        """A new token; the answer's `token` is its secret, shown this once."""
+        result: dict[str, Any] = self._json("POST", "/v1/tokens", json={
+            "role": role, "stack": stack, "ttl": ttl, "name": name})
+        return result
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("DELETE", f"/v1/tokens/{token_id}")
+        return result
+
+    def audit(self, *, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._json("GET", "/v1/audit",
+                                                  params=_params(after=after, limit=limit))
+        return result
+
+    def audit_verify(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", "/v1/audit/verify")
+        return result
+
     # -- instances, events, logs ------------------------------------------------------
     def instances(self, stack: str | None = None,
                   service: str | None = None) -> list[dict[str, Any]]:
@@ -211,7 +260,7 @@ class Client:
         try:
             response = self._http.request(method, url, **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise ServerNotRunning(self.where) from exc
+            raise self._not_connected(exc) from exc
         except httpx.TransportError as exc:
             raise ConnectionLost(f"lost the connection to the Shipyard server at "
                                  f"{self.where}: {exc}") from exc
@@ -228,7 +277,20 @@ class Client:
                     _raise_for_error(response)
                 yield response
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise ServerNotRunning(self.where) from exc
+            raise self._not_connected(exc) from exc
+
+    def _not_connected(self, exc: httpx.TransportError) -> ShipyardError:
+        """No server, or a TLS handshake that failed (which is not the same thing)."""
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, ssl.SSLError):
+            cause = cause.__cause__ or cause.__context__
+        text = str(exc)
+        if isinstance(cause, ssl.SSLError) or "SSL" in text or "certificate" in text:
+            reason = getattr(cause, "reason", None) or text
+            return TLSFailure(f"TLS with the Shipyard server at {self.where} failed: {reason}",
+                              hint="pass its CA with --ca FILE (SHIPYARD_CA), or --insecure "
+                                   "to skip verification")
+        return ServerNotRunning(self.where)
 
     def _lines(self, response: httpx.Response) -> Iterator[str]:
         try:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from shipyard import errors
 from shipyard.engine.operations import PRIORITY_NAMES
 from shipyard.engine.results import DeployResult, PlanReport, ServiceChange
+from shipyard.security import errors as security_errors
 from shipyard.state.base import Event, InstanceRecord, InstanceState, OperationRecord, OpState
 
 Priority = Literal["critical", "high", "normal", "low"]
@@ -135,13 +136,19 @@ _ERROR_TYPES: dict[str, type[errors.ShipyardError]] = {
         errors.ShipyardError, errors.InputError, errors.SpecError, errors.PlanError,
         errors.ResourceError, errors.RuntimeLaunchError, errors.StoreError,
         errors.NotFoundError, errors.Busy,
+        security_errors.AuthenticationError, security_errors.PermissionDenied,
+        security_errors.RateLimited, security_errors.PayloadTooLarge,
+        security_errors.SecurityConfigError,
     )
 }
 
 
 def error_status(exc: errors.ShipyardError) -> int:
     """The HTTP status of an error: 404 unknown name, 400 bad input, 500 store trouble,
-    409 any other operation that failed."""
+    409 any other operation that failed; the security errors carry their own (401, 403,
+    413, 429)."""
+    if isinstance(exc, security_errors.SecurityError):
+        return exc.http_status
     if isinstance(exc, errors.NotFoundError):
         return 404
     if isinstance(exc, errors.Busy):

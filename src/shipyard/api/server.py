@@ -1,9 +1,11 @@
-"""Running the control plane: uvicorn on the unix socket in `$SHIPYARD_HOME` (owner-only),
-plus an optional TCP listener.
+"""Running the control plane: uvicorn on the unix socket in `$SHIPYARD_HOME` (owner-only,
+or owner and one group), plus an optional TCP listener with TLS.
 
 One server per home: a lock file held for the server's lifetime guards the store against a
-second engine, and a socket that still answers is never taken over. TCP needs
-authentication (a later issue), so for now it is refused anywhere but on loopback.
+second engine, and a socket that still answers is never taken over. Every connection is
+described to the app by `IdentifyingH11Protocol` (the unix peer's uid, the TLS client
+certificate), and the app authenticates every request. The TCP listener refuses to start
+without TLS (`shipyard tls init`), and still only on loopback addresses.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import grp
 import ipaddress
+import logging
 import os
 import signal
 import socket
 import stat
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,9 +31,17 @@ import uvicorn
 
 from shipyard.api.app import close_streams, create_app
 from shipyard.errors import InputError, ShipyardError
+from shipyard.security.config import SecurityConfig, TlsFiles
+from shipyard.security.guard import Security
+from shipyard.security.peercred import IdentifyingH11Protocol
+from shipyard.security.tls import server_context
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from shipyard.engine.engine import Engine, EngineConfig
+
+log = logging.getLogger("shipyard.api")
 
 MAX_UNIX_PATH = 107  # sun_path is 108 bytes with its terminating NUL
 GRACE = 5.0  # seconds open requests get to finish once shutdown begins
@@ -69,8 +80,8 @@ class Listeners:
 
 
 def parse_tcp(address: str) -> tuple[str, int]:
-    """`HOST:PORT`, `:PORT` or `PORT` (host defaults to 127.0.0.1); only loopback is
-    accepted while the API has no authentication."""
+    """`HOST:PORT`, `:PORT` or `PORT` (host defaults to 127.0.0.1); only loopback
+    addresses are accepted for now."""
     host, sep, port_text = address.rpartition(":")
     if not sep:
         host, port_text = "", address
@@ -84,8 +95,8 @@ def parse_tcp(address: str) -> tuple[str, int]:
         raise InputError(f"invalid TCP port {port} in {address!r}")
     if not _is_loopback(host):
         raise InputError(
-            f"refusing to listen on {host}:{port}: the API has no authentication yet, so "
-            "TCP is only allowed on a loopback address",
+            f"refusing to listen on {host}:{port}: TCP is only allowed on a loopback "
+            "address for now",
             hint="use 127.0.0.1:PORT, or the unix socket")
     return host, port
 
@@ -112,14 +123,17 @@ def socket_answers(path: Path, timeout: float = 1.0) -> bool:
         return True
 
 
-def open_listeners(socket_path: Path, tcp: str | None = None) -> Listeners:
-    """Take the home's server lock, then bind the unix socket (mode 0600) and the optional
-    TCP listener. Raises `ServerRunning` if another server holds the home."""
+def open_listeners(socket_path: Path, tcp: str | None = None, *,
+                   group: str | None = None) -> Listeners:
+    """Take the home's server lock, then bind the unix socket (mode 0600; 0660 and owned by
+    `group` when one is given) and the optional TCP listener. Raises `ServerRunning` if
+    another server holds the home."""
     socket_path = Path(socket_path)
     if len(os.fsencode(socket_path)) > MAX_UNIX_PATH:
         raise InputError(f"socket path {socket_path} is too long for a unix socket "
                          f"(at most {MAX_UNIX_PATH} bytes)", hint="use a shorter SHIPYARD_HOME")
     tcp_address = parse_tcp(tcp) if tcp else None
+    gid = _group_id(group) if group else None
     socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     lock_fd = _take_lock(socket_path.parent / "server.lock", socket_path)
     try:
@@ -134,6 +148,10 @@ def open_listeners(socket_path: Path, tcp: str | None = None) -> Listeners:
         try:
             unix.bind(os.fspath(socket_path))
             os.chmod(socket_path, 0o600)
+            if gid is not None:
+                os.chown(socket_path, -1, gid)
+                os.chmod(socket_path, 0o660)
+                _check_traversable(socket_path.parent, group or "")
             unix.listen(128)
             unix.setblocking(False)
         except BaseException:
@@ -157,6 +175,33 @@ def open_listeners(socket_path: Path, tcp: str | None = None) -> Listeners:
         raise
 
 
+def _group_id(group: str) -> int:
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        if group.isdigit():
+            return int(group)
+        raise InputError(f"security.yaml: unix.group: no group named {group}") from None
+
+
+def _check_traversable(home: Path, group: str) -> None:
+    mode = os.stat(home).st_mode
+    if not mode & stat.S_IXGRP:
+        log.warning("the group %s cannot reach the socket: %s is not group-searchable "
+                    "(chmod g+x it)", group, home)
+
+
+def tls_for_tcp(config: SecurityConfig) -> TlsFiles:
+    """The TLS files a TCP listener needs; refuses (exit code 2) without them."""
+    files = config.tls_files()
+    if files is None:
+        raise InputError("refusing to listen on TCP without TLS: there is no server "
+                         f"certificate in {config.tls_dir}",
+                         hint="create one with `shipyard tls init`, or set tls.cert and "
+                              "tls.key in security.yaml")
+    return files
+
+
 def _take_lock(path: Path, socket_path: Path) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -175,7 +220,10 @@ def _take_lock(path: Path, socket_path: Path) -> int:
 
 def _bind_tcp(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: accepted sockets inherit it, and asyncio only turns Nagle
+    # off (TCP_NODELAY) on sockets that say they are TCP; without it every TLS answer
+    # (headers and body in two records) waits ~40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
@@ -198,46 +246,79 @@ class _Server(uvicorn.Server):
 async def serve(engine: Engine, *, socket_path: Path | None = None, tcp: str | None = None,
                 listeners: Listeners | None = None, stop: asyncio.Event | None = None,
                 on_ready: Callable[[Listeners], None] | None = None,
-                handle_signals: bool = True) -> None:
+                handle_signals: bool = True, security: Security | None = None) -> None:
     """Serve the API for `engine` until SIGTERM/SIGINT (when `handle_signals`, in the main
     thread) or until `stop` is set; then end open streams and shut down gracefully.
 
     Pass `listeners` already opened by `open_listeners` (before the engine starts) or a
-    `socket_path` (and `tcp`) to open them here; either way they are closed on return."""
-    if listeners is None:
-        if socket_path is None:
-            socket_path = engine.config.socket_path
-        listeners = open_listeners(socket_path, tcp)
+    `socket_path` (and `tcp`) to open them here; either way they are closed on return.
+    `security` defaults to the one of the engine's home (security.yaml, tokens, audit)."""
+    own_security = security is None
+    if security is None:
+        security = Security.for_home(engine.config.home)
     try:
-        await _serve(engine, listeners, stop or asyncio.Event(), on_ready, handle_signals)
+        if listeners is None:
+            if tcp:
+                tls_for_tcp(security.config)
+            if socket_path is None:
+                socket_path = engine.config.socket_path
+            listeners = open_listeners(socket_path, tcp, group=security.config.unix.group)
+        try:
+            await _serve(engine, listeners, stop or asyncio.Event(), on_ready,
+                         handle_signals, security)
+        finally:
+            listeners.close()
     finally:
-        listeners.close()
+        if own_security:
+            security.close()
+
+
+def _config(app: FastAPI) -> uvicorn.Config:
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=int(GRACE), proxy_headers=False,
+                            server_header=False,
+                            http=IdentifyingH11Protocol)
+    config.load()
+    return config
 
 
 async def _serve(engine: Engine, listeners: Listeners, stop: asyncio.Event,
-                 on_ready: Callable[[Listeners], None] | None, handle_signals: bool) -> None:
-    app = create_app(engine)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=int(GRACE), proxy_headers=False,
-                            server_header=False)
-    server = _Server(config)
-    task = asyncio.create_task(server.serve(sockets=listeners.sockets), name="uvicorn")
+                 on_ready: Callable[[Listeners], None] | None, handle_signals: bool,
+                 security: Security) -> None:
+    app = create_app(engine, security)
+    # Two uvicorn servers over one app: the unix socket in clear, TCP with TLS.
+    servers: list[tuple[_Server, list[socket.socket]]] = [
+        (_Server(_config(app)), [listeners.unix])]
+    if listeners.tcp is not None:
+        files = tls_for_tcp(security.config)
+        tcp_config = _config(app)
+        tcp_config.ssl = server_context(files.cert, files.key, files.client_ca,
+                                        files.require_client_cert)
+        servers.append((_Server(tcp_config), [listeners.tcp]))
+    tasks = [asyncio.create_task(server.serve(sockets=socks), name="uvicorn")
+             for server, socks in servers]
     stopper = asyncio.create_task(stop.wait())
     try:
         with stop_on_signals(stop, handle_signals):
-            while not server.started and not task.done():
+            while (not all(server.started for server, _ in servers)
+                   and not any(task.done() for task in tasks)):
                 await asyncio.sleep(0.01)
-            if server.started and on_ready is not None:
+            if all(server.started for server, _ in servers) and on_ready is not None:
                 on_ready(listeners)
-            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({*tasks, stopper}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         close_streams(app)
-        server.should_exit = True
+        for server, _ in servers:
+            server.should_exit = True
         stopper.cancel()
-        try:
-            await task
-        except SystemExit as exc:  # uvicorn exits like this when its startup fails
-            raise ShipyardError("the API server failed to start") from exc
+        failed = False
+        for task in tasks:
+            try:
+                await task
+            except SystemExit:  # uvicorn exits like this when its startup fails
+                failed = True
+        if failed:
+            raise ShipyardError("the API server failed to start")
 
 
 @contextlib.contextmanager
@@ -260,23 +341,34 @@ async def run_server(config: EngineConfig, *, tcp: str | None = None,
                      stop: asyncio.Event | None = None,
                      on_ready: Callable[[Listeners], None] | None = None,
                      handle_signals: bool = True) -> None:
-    """The whole control plane: claim the home and bind the sockets first (so a second
-    server fails before touching the store), then run the engine and serve its API."""
+    """The whole control plane: read security.yaml and claim the home and bind the sockets
+    first (so a second server, or a bad configuration, fails before touching the store),
+    then run the engine and serve its API."""
     from shipyard.engine.engine import Engine
 
-    listeners = open_listeners(config.socket_path, tcp)
+    security_config = SecurityConfig.load(config.home)
+    if tcp:
+        tls_for_tcp(security_config)
+    listeners = open_listeners(config.socket_path, tcp, group=security_config.unix.group)
     stop = stop or asyncio.Event()
+    security: Security | None = None
     try:
+        security = Security(security_config)
         with stop_on_signals(stop, handle_signals):
             async with Engine(config) as engine:
                 await serve(engine, listeners=listeners, stop=stop, on_ready=on_ready,
-                            handle_signals=False)
+                            handle_signals=False, security=security)
     finally:
         listeners.close()
+        if security is not None:
+            security.close()
 
 
-def warn_unauthenticated(listeners: Listeners) -> None:
-    if listeners.tcp_address is not None:
-        host, port = listeners.tcp_address
-        print(f"warning: the API on http://{host}:{port} is unauthenticated: any local user "
-              "can control Shipyard through it", file=sys.stderr, flush=True)
+def describe_tcp(listeners: Listeners) -> str | None:
+    """The line announcing the TCP listener, if there is one."""
+    if listeners.tcp_address is None:
+        return None
+    host, port = listeners.tcp_address
+    shown = f"[{host}]" if ":" in host else host
+    return (f"also listening on https://{shown}:{port} (TLS; bearer tokens or client "
+            "certificates)")

@@ -156,16 +156,20 @@ def down(ctx: click.Context, stack: str | None) -> None:
 
 
 @click.command()
-@click.option("--tcp", metavar="HOST:PORT", default=None,
-              help="also listen on TCP (loopback only until the API has authentication)")
+@click.option("--listen", "--tcp", "tcp", metavar="HOST:PORT", default=None,
+              help="also listen on TCP, with TLS and authentication (loopback addresses "
+                   "only; needs `shipyard tls init` first)")
 @click.pass_context
 def server(ctx: click.Context, tcp: str | None) -> None:
     """Run the control plane: the engine and its API on the unix socket in the home."""
-    from shipyard.api.server import Listeners, parse_tcp, run_server, warn_unauthenticated
+    from shipyard.api.server import Listeners, describe_tcp, parse_tcp, run_server, tls_for_tcp
+    from shipyard.security.config import SecurityConfig
 
+    config = Context.of(ctx).config
+    security = SecurityConfig.load(config.home)  # a bad security.yaml is bad usage
     if tcp:
         parse_tcp(tcp)  # a bad address is bad usage, refused before anything starts
-    config = Context.of(ctx).config
+        tls_for_tcp(security)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ours = logging.getLogger("shipyard")  # the full log, not the CLI's warning lines
@@ -177,7 +181,9 @@ def server(ctx: click.Context, tcp: str | None) -> None:
     def ready(listeners: Listeners) -> None:
         click.echo(f"shipyard server {__version__} (pid {os.getpid()}) listening on "
                    f"{listeners.socket_path}", err=True)
-        warn_unauthenticated(listeners)
+        line = describe_tcp(listeners)
+        if line:
+            click.echo(line, err=True)
 
     asyncio.run(run_server(config, tcp=tcp, on_ready=ready))
     click.echo("shipyard server stopped", err=True)

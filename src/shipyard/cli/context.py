@@ -1,5 +1,6 @@
-"""What every command needs: the home, a client of its server, the stack file, and which
-stack a command is about."""
+"""What every command needs: the home, a client of its server (the unix socket in the
+home, or `--url` with TLS and credentials), the stack file, and which stack a command is
+about."""
 
 from __future__ import annotations
 
@@ -31,13 +32,36 @@ class NoStack(ShipyardError):
 @dataclass
 class Context:
     home: Path
+    url: str | None = None  # https://HOST:PORT of a TCP listener; None: the unix socket
+    token: str | None = None
+    ca: Path | None = None
+    insecure: bool = False
+    cert: Path | None = None
+    key: Path | None = None
 
     @classmethod
     def of(cls, ctx: click.Context) -> Context:
         obj = ctx.find_object(Context)
         if obj is None:  # a command invoked on its own, without the group
-            obj = Context(default_home())
+            obj = Context.from_env(default_home())
         return obj
+
+    @classmethod
+    def from_env(cls, home: Path) -> Context:
+        """The connection settings of the environment (SHIPYARD_URL, SHIPYARD_TOKEN,
+        SHIPYARD_CA, SHIPYARD_CERT, SHIPYARD_KEY)."""
+        env = os.environ
+
+        def path(name: str) -> Path | None:
+            return Path(env[name]).expanduser() if env.get(name) else None
+
+        return cls(home, url=env.get("SHIPYARD_URL") or None,
+                   token=env.get("SHIPYARD_TOKEN") or None, ca=path("SHIPYARD_CA"),
+                   cert=path("SHIPYARD_CERT"), key=path("SHIPYARD_KEY"))
+
+    @property
+    def remote(self) -> bool:
+        return self.url is not None
 
     @property
     def config(self) -> EngineConfig:
@@ -54,6 +78,11 @@ class Context:
     def client(self) -> Client:
         from shipyard.api.client import Client
 
+        if self.url is not None:
+            return Client(base_url=self.url, token=self.token, ca=self.ca,
+                          insecure=self.insecure, cert=self.cert, key=self.key)
+        # On the unix socket the kernel says who we are: no token is sent (a SHIPYARD_TOKEN
+        # meant for a remote server must not change what local commands do).
         return Client(self.socket_path)
 
     def server_answers(self) -> bool:
@@ -64,6 +93,10 @@ class Context:
         """Start a detached control plane unless one answers already; wait until it does."""
         if self.server_answers():
             return
+        if self.url is not None:
+            from shipyard.api.client import ServerNotRunning
+
+            raise ServerNotRunning(self.url)  # a remote server is not ours to start
         home = self.config.home
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         argv = [sys.executable, "-m", "shipyard.cli.main", "--home", str(home), "server"]

@@ -19,6 +19,7 @@ from shipyard.cli.commands_import import import_
 from shipyard.cli.commands_k8s import k8s
 from shipyard.cli.commands_ops import history, ops, recover, restart, rollback
 from shipyard.cli.commands_read import events, logs, ps
+from shipyard.cli.commands_security import audit, tls, token, whoami
 from shipyard.cli.commands_spec import plan, schema, validate, version
 from shipyard.cli.commands_state import state
 from shipyard.cli.commands_up import down, server, up
@@ -32,17 +33,44 @@ from shipyard.errors import ShipyardError, SpecError
               default=None,
               help="where Shipyard keeps state, logs and its socket "
                    "(default: $SHIPYARD_HOME, else ~/.shipyard)")
+@click.option("--url", metavar="URL", envvar="SHIPYARD_URL", default=None,
+              help="the control plane's TCP listener, https://HOST:PORT (env SHIPYARD_URL; "
+                   "default: the unix socket in the home)")
+@click.option("--token", metavar="TOKEN", envvar="SHIPYARD_TOKEN", default=None,
+              help="a bearer token from `shipyard token create` (env SHIPYARD_TOKEN)")
+@click.option("--ca", metavar="FILE", envvar="SHIPYARD_CA", default=None,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="the CA that signed the server's certificate, e.g. HOME/tls/ca.crt "
+                   "(env SHIPYARD_CA; default: the system's CAs)")
+@click.option("--insecure", is_flag=True, default=False,
+              help="do not verify the server's TLS certificate (testing only)")
+@click.option("--cert", metavar="FILE", envvar="SHIPYARD_CERT", default=None,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="a client certificate from `shipyard tls client` (env SHIPYARD_CERT)")
+@click.option("--key", metavar="FILE", envvar="SHIPYARD_KEY", default=None,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="the client certificate's key, unless it is in the --cert file (env "
+                   "SHIPYARD_KEY)")
 @click.version_option(__version__, "--version", prog_name="shipyard")
 @click.pass_context
-def cli(ctx: click.Context, home: Path | None) -> None:
+def cli(ctx: click.Context, home: Path | None, url: str | None, token: str | None,
+        ca: Path | None, insecure: bool, cert: Path | None, key: Path | None) -> None:
     """Shipyard: one stack file, ordered and health-gated deploys, supervised instances."""
-    ctx.obj = Context(home=home.expanduser().resolve() if home else default_home())
+    given = [name for name in ("ca", "insecure", "cert")
+             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+    if given and not url:
+        raise click.UsageError(f"--{given[0]} needs --url (the unix socket has no TLS)")
+    ctx.obj = Context(home=home.expanduser().resolve() if home else default_home(),
+                      url=url.rstrip("/") if url else None, token=token or None, ca=ca,
+                      insecure=insecure, cert=cert, key=key)
 
 
 for command in (up, down, ps, logs, events, plan, validate, schema, server, version, restart,
                 recover, ops, history, rollback, import_):
     cli.add_command(command)
 cli.add_command(state)
+for command in (token, tls, audit, whoami):
+    cli.add_command(command)
 cli.add_command(k8s)
 
 

@@ -1,0 +1,109 @@
+"""The API's own security routes: who am I, tokens, the audit trail."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from shipyard.errors import NotFoundError
+from shipyard.security.errors import PermissionDenied, SecurityConfigError
+from shipyard.security.guard import Security
+from shipyard.security.permissions import allow, grant_of, identity_of
+from shipyard.spec.units import parse_duration
+
+_STACK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class TokenRequest(BaseModel):
+    """Body of `POST /v1/tokens`."""
+
+    role: str = Field(description="viewer, operator, admin or a role of security.yaml")
+    stack: str | None = Field(None, description="limit the token to this stack")
+    ttl: str | None = Field("30d", description="lifetime (30d, 12h...), or 'never'")
+    name: str = Field("", max_length=200, description="a note: who or what it is for")
+
+
+def parse_ttl(text: str | None) -> float | None:
+    if text is None or text.strip().lower() in ("never", "none", ""):
+        return None
+    try:
+        ttl = parse_duration(text)
+    except ValueError as exc:
+        raise SecurityConfigError(f"invalid token lifetime: {exc}") from None
+    if ttl <= 0:
+        raise SecurityConfigError("a token's lifetime must be positive",
+                                  hint="e.g. 30d, or 'never'")
+    return ttl
+
+
+def _security(request: Request) -> Security:
+    security: Security = request.app.state.security
+    return security
+
+
+def security_router() -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["security"])
+
+    @router.get("/whoami", dependencies=[allow("system", "read")])
+    async def whoami(request: Request) -> dict[str, Any]:
+        """The identity this request was authenticated as, and its role."""
+        identity = identity_of(request)
+        role = _security(request).roles.get(identity.role)
+        return identity.view() | {"role_description": role.description if role else None}
+
+    @router.get("/tokens", dependencies=[allow("tokens", "read")])
+    async def list_tokens(request: Request) -> list[dict[str, Any]]:
+        """Every token (never its secret): role, stack, expiry, state."""
+        return [t.view() for t in _security(request).tokens.list()]
+
+    @router.post("/tokens", status_code=201, dependencies=[allow("tokens", "create")])
+    async def create_token(body: TokenRequest, request: Request) -> JSONResponse:
+        """A new token; its secret is in this answer only."""
+        security = _security(request)
+        grant = grant_of(request)
+        role = security.roles.require(body.role)
+        if body.stack is not None and not _STACK_NAME.match(body.stack):
+            raise SecurityConfigError(f"invalid stack name {body.stack!r}")
+        creator = grant.identity
+        if creator.stack is not None and body.stack != creator.stack:
+            raise PermissionDenied(f"{creator.actor} may only create tokens limited to "
+                                   f"stack {creator.stack}")
+        if not grant.role.covers(role, body.stack):
+            raise PermissionDenied(f"{creator.actor} (role {grant.role.name}) may not create "
+                                   f"a token with more rights than its own (role {role.name})")
+        ttl = parse_ttl(body.ttl)
+        token, record = await asyncio.to_thread(
+            security.tokens.create, role.name, stack=body.stack, ttl=ttl, name=body.name,
+            created_by=creator.actor)
+        request.state.audit_detail = (f"created token {record.id} (role {role.name}"
+                                      + (f", stack {body.stack}" if body.stack else "") + ")")
+        return JSONResponse(record.view() | {"token": token}, status_code=201)
+
+    @router.delete("/tokens/{token_id}", dependencies=[allow("tokens", "delete")])
+    async def revoke_token(token_id: str, request: Request) -> dict[str, Any]:
+        """Revoke a token: refused from the next request on."""
+        record = _security(request).verifier.revoke(token_id)
+        if record is None:
+            raise NotFoundError(f"no token {token_id}", hint="see `shipyard token ls`")
+        request.state.audit_detail = f"revoked token {token_id}"
+        return record.view()
+
+    @router.get("/audit", dependencies=[allow("audit", "read")])
+    async def audit(request: Request, after: Annotated[int, Query(ge=0)] = 0,
+                    limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+                    ) -> list[dict[str, Any]]:
+        """Audit rows after `after`, oldest first."""
+        return [e.view() for e in _security(request).audit.entries(after=after, limit=limit)]
+
+    @router.get("/audit/verify", dependencies=[allow("audit", "read")])
+    async def verify_audit(request: Request) -> dict[str, Any]:
+        """Recompute the hash chain of the audit trail."""
+        report = await asyncio.to_thread(_security(request).audit.verify)
+        return report.view()
+
+    return router
