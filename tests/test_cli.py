@@ -25,7 +25,7 @@ PY = sys.executable
 
 
 def stack_yaml(name: str = "demo", *, crash: bool = False) -> str:
-    base = random.randrange(20000, 29000, 100)
+    base = random.randrange(12000, 19900, 100)  # below the per-worker ranges (conftest)
     server = f'[{PY}, -m, http.server, "${{PORT}}", --bind, 127.0.0.1]'
     api_command = f'[{PY}, -c, "raise SystemExit(3)"]' if crash else server
     return f"""\
@@ -323,3 +323,26 @@ def test_foreground_up_refuses_a_bad_stack_before_starting(shipyard: Shipyard) -
 
 def stat_mode(path: Path) -> int:
     return path.stat().st_mode & 0o777
+
+
+def test_scale_top_and_rollout_commands(shipyard: Shipyard) -> None:
+    (shipyard.cwd / "shipyard.yaml").write_text(stack_yaml())
+    done = shipyard("up", "-d")
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = shipyard("scale", "api", "3")
+    assert done.returncode == 0 and "api: 3 instance(s) (+1 -0)" in done.stdout, done.stderr
+    assert [i["instance"] for i in shipyard.instances()] == ["api-1", "api-2", "api-3", "db-1"]
+    done = shipyard("top", "-o", "json")
+    assert done.returncode == 0, done.stderr
+    view = json.loads(done.stdout)
+    assert view["api"]["replicas"] == 3 and len(view["api"]["instances"]) == 3
+    assert all(i["rss"] for i in view["api"]["instances"])
+    done = shipyard("top")
+    assert done.returncode == 0 and "api-3" in done.stdout
+    done = shipyard("promote", "api")  # nothing in progress: a clear error, exit 2
+    assert done.returncode == 2 and "no rollout in progress" in done.stderr, done.stderr
+    done = shipyard("autoscale", "api", "--resume")
+    assert done.returncode == 1 and "no autoscale policy" in done.stderr, done.stderr
+    done = shipyard("scale", "nope", "2")
+    assert done.returncode == 2 and "no service nope" in done.stderr, done.stderr
+    assert shipyard("down").returncode == 0

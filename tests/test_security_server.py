@@ -265,6 +265,10 @@ ROLE_TABLE: dict[tuple[str, str], set[str]] = {
     ("POST", "/v1/stacks/{name}/services/{service}/restart"): {"operator", "admin"},
     ("POST", "/v1/stacks/{name}/services/{service}/rollback"): {"operator", "admin"},
     ("POST", "/v1/stacks/{name}/recover"): {"operator", "admin"},
+    ("POST", "/v1/stacks/{name}/services/{service}/promote"): {"operator", "admin"},
+    ("POST", "/v1/stacks/{name}/services/{service}/abort"): {"operator", "admin"},
+    ("POST", "/v1/stacks/{name}/services/{service}/scale"): {"operator", "admin"},
+    ("POST", "/v1/stacks/{name}/services/{service}/autoscale/resume"): {"operator", "admin"},
     ("POST", "/v1/stacks"): {"admin"},
     ("DELETE", "/v1/stacks/{name}"): {"admin"},
 }

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shipyard import __version__
 from shipyard.api import streams
+from shipyard.api.day2_routes import day2_router
 from shipyard.api.models import (
     ApplyRequest,
     ErrorBody,
@@ -133,6 +134,7 @@ def create_app(engine: Engine, security: Security | None = None) -> FastAPI:
 
     app.include_router(_router())
     app.include_router(security_router(), responses=ERRORS)
+    app.include_router(day2_router(), responses=ERRORS)
     require_declared(app)
     return app
 

@@ -172,6 +172,32 @@ class Client:
                                             timeout=NO_READ_TIMEOUT)
         return result
 
+    def promote(self, stack: str, service: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._json(
+            "POST", f"/v1/stacks/{stack}/services/{service}/promote")
+        return result
+
+    def abort(self, stack: str, service: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._json(
+            "POST", f"/v1/stacks/{stack}/services/{service}/abort")
+        return result
+
+    def scale(self, stack: str, service: str, replicas: int) -> dict[str, Any]:
+        result: dict[str, Any] = self._json(
+            "POST", f"/v1/stacks/{stack}/services/{service}/scale",
+            json={"replicas": replicas}, timeout=NO_READ_TIMEOUT)
+        return result
+
+    def resume_autoscale(self, stack: str, service: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._json(
+            "POST", f"/v1/stacks/{stack}/services/{service}/autoscale/resume",
+            timeout=NO_READ_TIMEOUT)
+        return result
+
+    def top(self, stack: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", f"/v1/stacks/{stack}/top")
+        return result
+
     def down(self, name: str) -> None:
         self._json("DELETE", f"/v1/stacks/{name}", timeout=NO_READ_TIMEOUT)
 

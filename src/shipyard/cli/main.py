@@ -19,6 +19,7 @@ from shipyard.cli.commands_import import import_
 from shipyard.cli.commands_k8s import k8s
 from shipyard.cli.commands_ops import history, ops, recover, restart, rollback
 from shipyard.cli.commands_read import events, logs, ps
+from shipyard.cli.commands_scale import abort, autoscale, promote, scale, top
 from shipyard.cli.commands_security import audit, tls, token, whoami
 from shipyard.cli.commands_spec import plan, schema, validate, version
 from shipyard.cli.commands_state import state
@@ -69,6 +70,8 @@ for command in (up, down, ps, logs, events, plan, validate, schema, server, vers
                 recover, ops, history, rollback, import_):
     cli.add_command(command)
 cli.add_command(state)
+for command in (scale, autoscale, top, promote, abort):
+    cli.add_command(command)
 for command in (token, tls, audit, whoami):
     cli.add_command(command)
 cli.add_command(k8s)
