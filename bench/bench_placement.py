@@ -81,7 +81,7 @@ def main() -> None:
         print(json.dumps({"place_s": ours, "bare_s": base, "ratio": ratio}))
         return
     print(f"10,000 instances on 100 nodes ({placed} placed in the last run)")
-    print(f"place(): {med(ours)} s; bare first-fit: {med(base)} s; ratio {med(ratio)}")
+    print(f"place(): {med(ours)} s; bare best-fit: {med(base)} s; ratio {med(ratio)}")
 
 
 if __name__ == "__main__":

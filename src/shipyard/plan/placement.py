@@ -83,9 +83,19 @@ class PlacementResult:
 @dataclass
 class _Load:
     node: NodeInfo
-    used: dict[str, float]
+    limits: tuple[float, float, float, float]  # cpu, memory, disk, gpu, with overcommit
+    used: list[float]  # same order
     ports: set[int]
     services: dict[str, int]  # service → instances here
+
+    @classmethod
+    def of(cls, node: NodeInfo) -> _Load:
+        return cls(node, tuple(node.limit(k) for k in _KINDS),  # type: ignore[arg-type]
+                   [0.0, 0.0, 0.0, 0.0], set(), {})
+
+
+def _needs(item: Request | Placed) -> tuple[float, float, float, float]:
+    return (float(item.cpu), float(item.memory), float(item.disk), float(item.gpu))
 
 
 def _fmt(kind: str, value: float) -> str:
@@ -95,15 +105,15 @@ def _fmt(kind: str, value: float) -> str:
 
 
 def _why_not(load: _Load, req: Request) -> str | None:
+    """Why `req` cannot go on this node (None: it can). The slow path, for messages."""
     node = load.node
     for key, want in req.constraints.items():
         have = node.labels.get(key)
         if have != want:
             return f"label {key}={want} " + ("missing" if have is None else f"is {have}")
-    for kind in _KINDS:
-        need = float(getattr(req, kind))
-        if need and load.used[kind] + need > node.limit(kind) + 1e-9:
-            return (f"{kind} {_fmt(kind, load.used[kind])} of {_fmt(kind, node.limit(kind))} "
+    for i, (kind, need) in enumerate(zip(_KINDS, _needs(req), strict=True)):
+        if need and load.used[i] + need > load.limits[i] + 1e-9:
+            return (f"{kind} {_fmt(kind, load.used[i])} of {_fmt(kind, load.limits[i])} "
                     f"used, {_fmt(kind, need)} more asked")
     clash = sorted(req.ports & load.ports)
     if clash:
@@ -113,53 +123,70 @@ def _why_not(load: _Load, req: Request) -> str | None:
     return None
 
 
-def _fullness(load: _Load, req: Request) -> float:
-    """How full the node would be with `req` on it: the largest share of any resource."""
-    shares = []
-    for kind in _KINDS:
-        limit = load.node.limit(kind)
-        if limit > 0:
-            shares.append((load.used[kind] + float(getattr(req, kind))) / limit)
-    return max(shares, default=0.0)
-
-
-def _add(load: _Load, req: Request | Placed) -> None:
-    for kind in _KINDS:
-        load.used[kind] += float(getattr(req, kind))
-    load.ports |= req.ports
-    load.services[req.service] = load.services.get(req.service, 0) + 1
+def _add(load: _Load, item: Request | Placed) -> None:
+    for i, need in enumerate(_needs(item)):
+        load.used[i] += need
+    load.ports |= item.ports
+    load.services[item.service] = load.services.get(item.service, 0) + 1
 
 
 def place(requests: Iterable[Request], nodes: Sequence[NodeInfo],
           existing: Iterable[Placed] = ()) -> PlacementResult:
     """Place `requests` on `nodes`, around what `existing` already placed."""
-    loads = {n.name: _Load(n, dict.fromkeys(_KINDS, 0.0), set(), {})
-             for n in sorted(nodes, key=lambda n: n.name)}
+    loads = [_Load.of(n) for n in sorted(nodes, key=lambda n: n.name)]
+    by_name = {load.node.name: load for load in loads}
     for item in existing:
-        if item.node in loads:
-            _add(loads[item.node], item)
+        if item.node in by_name:
+            _add(by_name[item.node], item)
     result = PlacementResult()
     order = sorted(requests, key=lambda r: (-r.cpu, -r.memory, -r.gpu, -r.disk, r.instance))
+    # Nodes only fill up during one call: a request shaped like one that found no node
+    # finds none either (the reason is the same).
+    failed: dict[tuple[object, ...], str] = {}
     for req in order:
-        best: tuple[tuple[float, ...], str] | None = None
-        reasons: dict[str, str] = {}
-        for name, load in loads.items():
-            why = _why_not(load, req)
-            if why is not None:
-                reasons[name] = why
-                continue
-            fullness = _fullness(load, req)
-            crowded = 1.0 if (req.anti_affinity == "preferred"
-                              and load.services.get(req.service)) else 0.0
-            rank = -fullness if req.strategy == "binpack" else fullness
-            key = (crowded, rank)
-            if best is None or key < best[0]:
-                best = (key, name)
-        if best is None:
-            result.unplaced[req.instance] = _summary(reasons) if reasons else "no nodes"
+        need = _needs(req)
+        constraints = tuple(req.constraints.items())
+        shape = (need, constraints, req.ports, req.anti_affinity, req.service)
+        if shape in failed:
+            result.unplaced[req.instance] = failed[shape]
             continue
-        _add(loads[best[1]], req)
-        result.placed[req.instance] = best[1]
+        required = req.anti_affinity == "required"
+        preferred = req.anti_affinity == "preferred"
+        binpack = req.strategy == "binpack"
+        best_key: tuple[float, float] | None = None
+        best: _Load | None = None
+        for load in loads:  # the hot loop: no strings, no attribute lookups it can avoid
+            labels = load.node.labels
+            if constraints and any(labels.get(k) != v for k, v in constraints):
+                continue
+            used, limits = load.used, load.limits
+            fullness = 0.0
+            fits = True
+            for i in range(4):
+                after = used[i] + need[i]
+                if need[i] and after > limits[i] + 1e-9:
+                    fits = False
+                    break
+                if limits[i] > 0:
+                    share = after / limits[i]
+                    if share > fullness:
+                        fullness = share
+            if not fits or (req.ports and not req.ports.isdisjoint(load.ports)):
+                continue
+            here = load.services.get(req.service, 0)
+            if required and here:
+                continue
+            key = (1.0 if preferred and here else 0.0, -fullness if binpack else fullness)
+            if best_key is None or key < best_key:
+                best_key, best = key, load
+        if best is None:
+            reasons = {load.node.name: why for load in loads
+                       if (why := _why_not(load, req)) is not None}
+            result.unplaced[req.instance] = failed[shape] = (
+                _summary(reasons) if reasons else "no nodes")
+            continue
+        _add(best, req)
+        result.placed[req.instance] = best.node.name
     return result
 
 
