@@ -507,3 +507,46 @@ async def test_monitor_exec_probe_with_env(tmp_path: Path) -> None:
     finally:
         await monitor.stop()
     assert [c[0] for c in rec.changes] == [False, True]
+
+
+async def test_breaker_stops_probing_an_endpoint_that_hangs() -> None:
+    """A real listener that accepts connections and never answers: three probes time out,
+    the breaker opens, probes then fail at once without connecting; after the recovery
+    timeout one trial probe connects again (and hangs again: the breaker re-opens)."""
+    from shipyard.reliability.breaker import BreakerConfig, CircuitBreaker
+
+    accepted: list[socket.socket] = []
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    listener.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    def accept() -> None:
+        with contextlib.suppress(BlockingIOError):
+            conn, _ = listener.accept()
+            accepted.append(conn)
+
+    loop.add_reader(listener.fileno(), accept)
+    probe = Probe(http="/", interval="20ms", timeout="100ms", failure_threshold=1)
+    breaker = CircuitBreaker("probe:t/a-1/readiness",
+                             BreakerConfig(window=0, consecutive_failures=3,
+                                           recovery_timeout=0.4))
+    rec = Recorder()
+    monitor = ProbeMonitor(probe, {"http": listener.getsockname()[1]}, rec.on_change,
+                           on_result=rec.on_result, breaker=breaker)
+    monitor.start()
+    try:
+        await asyncio.sleep(0.9)
+    finally:
+        await monitor.stop()
+        loop.remove_reader(listener.fileno())
+        for conn in accepted:
+            conn.close()
+        listener.close()
+    timed_out = [r for r in rec.results if r.message.startswith("GET ")]
+    refused_fast = [r for r in rec.results if "is open after 3 consecutive" in r.message]
+    assert len(timed_out) >= 4, rec.results  # 3 to open, then a trial after 0.4 s
+    assert refused_fast and all(r.latency == 0.0 for r in refused_fast)
+    # without the breaker, 0.9 s of 100 ms timeouts every 20 ms would be ~8 connections
+    assert len(accepted) == len(timed_out) <= 6

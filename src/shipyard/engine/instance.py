@@ -18,7 +18,7 @@ from shipyard.errors import RuntimeLaunchError, TransientLaunchError
 from shipyard.health.monitor import ProbeMonitor
 from shipyard.health.probes import ProbeResult
 from shipyard.plan.restart import decide_restart
-from shipyard.reliability.breaker import CircuitBreaker, CircuitOpenError
+from shipyard.reliability.breaker import BreakerConfig, CircuitBreaker, CircuitOpenError
 from shipyard.reliability.retry import Backoff, RetryExhaustedError, RetryPolicy, retry_async
 from shipyard.runtime.base import Handle, LaunchSpec
 from shipyard.runtime.container_spec import container_spec
@@ -337,9 +337,15 @@ class InstanceSupervisor:
             async def runner(p: Probe) -> ProbeResult:
                 return await exec_probe(container, handle, p, own)
 
+        # a probe that hangs until its timeout three times in a row is not sent again for
+        # a while (see ProbeMonitor.breaker)
+        breaker = self.engine.breakers.get(
+            f"probe:{rec.stack}/{rec.instance}/{which}",
+            BreakerConfig(window=0, consecutive_failures=3,
+                          recovery_timeout=max(10.0, probe.interval * 3)))
         return ProbeMonitor(probe, rec.ports, on_change, on_result=on_result, env=env,
                             cwd=instance_workdir(self.stack, self.service),
-                            exec_runner=runner)
+                            exec_runner=runner, breaker=breaker)
 
     async def _succeed_after(self, seconds: float) -> None:
         await asyncio.sleep(seconds)

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 
 from shipyard.health.probes import ProbeResult, run_probe
+from shipyard.reliability.breaker import CircuitBreaker
 from shipyard.spec.models import Probe
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,15 @@ class ProbeMonitor:
         cwd: str | None = None,
         on_result: Callable[[ProbeResult], None] | None = None,
         exec_runner: Callable[[Probe], Awaitable[ProbeResult]] | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.probe = probe
         # where an exec probe runs instead of on the host (inside a container)
         self.exec_runner = exec_runner
+        # Opens on probes that hang until their timeout (a refused connection is cheap and
+        # is no failure for it): while open, the probe fails at once instead of holding a
+        # connection and a timeout on an endpoint known to hang.
+        self.breaker = breaker
         self.ports = dict(ports)
         self.env = env
         self.cwd = cwd
@@ -120,11 +126,23 @@ class ProbeMonitor:
             await asyncio.sleep(probe.initial_delay)
         next_at = loop.time()
         while not self._stopping:
+            breaker = self.breaker
             try:
-                if probe.exec is not None and self.exec_runner is not None:
-                    result = await self.exec_runner(probe)
+                if breaker is not None and not breaker.allow():
+                    result = ProbeResult(False, 0.0, breaker.open_error().message)
                 else:
-                    result = await run_probe(probe, self.ports, env=self.env, cwd=self.cwd)
+                    if probe.exec is not None and self.exec_runner is not None:
+                        result = await self.exec_runner(probe)
+                    else:
+                        result = await run_probe(probe, self.ports, env=self.env,
+                                                 cwd=self.cwd)
+                    if breaker is not None:
+                        if result.ok:
+                            breaker.record_success()
+                        elif result.latency >= probe.timeout * 0.95:  # it hung
+                            breaker.record_failure(result.message)
+                        else:
+                            breaker.release()  # a quick no is no verdict on the endpoint
             except Exception as exc:  # a bug, not the instance's fault: count it as a failure
                 log.exception("probe raised")
                 result = ProbeResult(False, 0.0, f"probe error: {exc!r}")
