@@ -140,3 +140,50 @@ async def test_custom_metric_from_http_drives_the_count(tmp_path: Path) -> None:
             assert await counts(eng) == 1
     finally:
         server.shutdown()
+
+
+async def test_prometheus_query_drives_the_count(tmp_path: Path) -> None:
+    """No Prometheus server can be installed for the tests, so a small HTTP server of the
+    test's own answers `/api/v1/query` the way Prometheus's HTTP API does (an emulator);
+    the sampler's request and its reading of the answer are real."""
+    queries: list[str] = []
+    value = {"now": "90"}
+
+    class Prom(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            from urllib.parse import parse_qs, urlparse
+
+            url = urlparse(self.path)
+            queries.append(parse_qs(url.query)["query"][0])
+            body = json.dumps({"status": "success", "data": {
+                "resultType": "vector",
+                "result": [{"metric": {}, "value": [1700000000.0, value["now"]]}]}}).encode()
+            self.send_response(200 if url.path == "/api/v1/query" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Prom)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    query = 'sum(rate(http_requests_total{job="api"}[1m]))'
+    policy = {"min": 1, "max": 4, "interval": "200ms", "down_stabilization": "0s",
+              "metrics": [{"prometheus": {"query": query, "target": 30, "name": "rps"}}]}
+    config = EngineConfig(home=tmp_path / "home", stop_on_exit=True,
+                          prometheus_url=f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        async with Engine(config) as eng:
+            assert (await eng.apply(stack_of(tmp_path, policy))).ok
+            for _ in range(100):  # 90 over 1 instance vs 30 per instance → 3
+                if await counts(eng) == 3:
+                    break
+                await asyncio.sleep(0.1)
+            assert await counts(eng) == 3
+            assert queries and queries[0] == query
+            decision = next(e for e in await eng.store.list_events(stack="as")
+                        if e.kind == "autoscale.decision")
+            assert "rps 90 vs target 30" in decision.message, decision.message
+    finally:
+        server.shutdown()
