@@ -36,7 +36,6 @@ from shipyard.reliability.breaker import BreakerConfig, CircuitBreaker, CircuitS
 from shipyard.reliability.registry import BreakerRegistry
 from shipyard.resources.ports import PortAllocator
 from shipyard.runtime.base import Handle, Runtime
-from shipyard.runtime.container import ContainerRuntime
 from shipyard.runtime.dispatch import DispatchRuntime
 from shipyard.runtime.logs import rotate_if_needed
 from shipyard.runtime.process import ProcessRuntime
@@ -83,7 +82,7 @@ class Engine:
         # contacted on first use only)
         self.runtime: Runtime = runtime or DispatchRuntime(
             ProcessRuntime(cgroup_name=f"shipyard-{digest}"),
-            lambda: ContainerRuntime(self.config.home))
+            self._container_runtime)
         self.store: StateStore = open_store(self.config.store_url)
         self.metrics = EngineMetrics(self._instance_states)
         self.registry = self.metrics.registry
@@ -114,6 +113,13 @@ class Engine:
         self.retirements: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     # -- lifecycle --------------------------------------------------------------------
+    def _container_runtime(self) -> Runtime:
+        """The container runtime, made on first use: it imports the Docker SDK (and its
+        HTTP stack), which a stack of processes never needs in memory."""
+        from shipyard.runtime.container import ContainerRuntime
+
+        return ContainerRuntime(self.config.home)
+
     async def __aenter__(self) -> Engine:
         await self.start()
         return self

@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import psutil
 
 from shipyard.plan.autoscale import MetricSample
@@ -31,6 +30,8 @@ from shipyard.spec.autoscale import AutoscalePolicy, MetricKind
 from shipyard.state.base import InstanceState
 
 if TYPE_CHECKING:
+    import httpx
+
     from shipyard.engine.engine import Engine, StackState
 
 _PATH_RE = re.compile(r"\.([A-Za-z_][\w-]*)|\[(\d+)\]|\[['\"]([^'\"]+)['\"]\]")
@@ -59,6 +60,10 @@ def number_of(text: str, path: str | None) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a number, got {value!r}")
     return float(value)
+
+
+class FetchError(Exception):
+    """A metric's HTTP endpoint did not answer with a value."""
 
 
 @dataclass
@@ -155,10 +160,15 @@ class Sampler:
 
     # -- HTTP ----------------------------------------------------------------------------
     async def _get(self, url: str, params: dict[str, str] | None = None) -> str:
+        import httpx  # only services with custom or Prometheus metrics need it
+
         if self._http is None:
             self._http = httpx.AsyncClient(timeout=5.0, trust_env=False)
-        response = await self._http.get(url, params=params)
-        response.raise_for_status()
+        try:
+            response = await self._http.get(url, params=params)
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise FetchError(f"GET {url}: {exc}") from None
         return response.text
 
     async def external(self, policy: AutoscalePolicy,
@@ -181,7 +191,7 @@ class Sampler:
                         figures.errors[metric.name] = "the query returned no series"
                         continue
                     figures.external[metric.name] = float(result[0]["value"][1])
-            except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+            except (FetchError, ValueError, KeyError, IndexError, TypeError) as exc:
                 figures.errors[metric.name] = f"{type(exc).__name__}: {exc}"
 
     # -- a whole service -----------------------------------------------------------------
