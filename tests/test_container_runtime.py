@@ -188,14 +188,34 @@ async def test_memory_limit_oom_kill_is_reported(runtime: ContainerRuntime,
 
 
 async def test_limits_are_applied(runtime: ContainerRuntime, image: str) -> None:
+    cpu = sorted(os.sched_getaffinity(0))[-1]
     handle = await runtime.start(launch(runtime, image, ["sleep", "60"],
-                                        memory_limit=64 * 2**20, cpu_limit=0.5,
-                                        pids_limit=50))
+                                        memory_limit=64 * 2**20, swap_limit=0, cpu_limit=0.5,
+                                        pids_limit=50, cpuset=str(cpu)))
     host = inspect(handle.extra["container"])["HostConfig"]
-    assert host["Memory"] == 64 * 2**20 and host["MemorySwap"] == 64 * 2**20
+    assert host["Memory"] == 64 * 2**20 and host["MemorySwap"] == 64 * 2**20  # no swap
     assert host["NanoCpus"] == 500_000_000 and host["PidsLimit"] == 50
+    assert host["CpusetCpus"] == str(cpu)
     nofile = {u["Name"]: u for u in host["Ulimits"]}
     assert "RLIMIT_NOFILE" in nofile or "nofile" in nofile
+    await runtime.stop(handle, "SIGKILL", 5)
+
+
+@pytest.mark.parametrize(("swap", "memory_swap"), [(16 * 2**20, 80 * 2**20), (None, 2**62)])
+async def test_swap_limit(runtime: ContainerRuntime, image: str, swap: int | None,
+                          memory_swap: int) -> None:
+    handle = await runtime.start(launch(runtime, image, ["sleep", "60"],
+                                        memory_limit=64 * 2**20, swap_limit=swap))
+    info = inspect(handle.extra["container"])
+    host = info["HostConfig"]
+    assert host["Memory"] == 64 * 2**20 and host["MemorySwap"] == memory_swap
+    # and in the container's cgroup (v1 with swap accounting here; v2: memory.swap.max)
+    lines = Path(f"/proc/{info['State']['Pid']}/cgroup").read_text().splitlines()
+    memory_dir = next((f"/sys/fs/cgroup/memory{line.split(':')[2]}" for line in lines
+                       if ":memory:" in line), None)
+    memsw = Path(f"{memory_dir}/memory.memsw.limit_in_bytes")
+    if memory_dir is not None and memsw.exists():
+        assert int(memsw.read_text()) == memory_swap
     await runtime.stop(handle, "SIGKILL", 5)
 
 

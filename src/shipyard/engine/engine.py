@@ -23,6 +23,7 @@ from shipyard.engine.config import EngineConfig
 from shipyard.engine.dependencies import DependencyWatcher
 from shipyard.engine.deploy import stack_document
 from shipyard.engine.instance import TERMINAL, InstanceSupervisor
+from shipyard.engine.local_resources import LocalResources
 from shipyard.engine.metrics import EngineMetrics
 from shipyard.engine.operations import OperationQueue, parse_priority
 from shipyard.engine.preflight import preflight
@@ -95,6 +96,7 @@ class Engine:
         self.registry.register(self.breakers.collector())
         self._circuit_events: set[asyncio.Task[Event]] = set()
         self.routers = ServiceRouters(self)
+        self.local = LocalResources(self)  # CPU sets, GPUs, disk quotas
         self.ops = OperationQueue(self.store, emit=self.record_event, finished=self.notify,
                                   max_concurrent=self.config.max_concurrent_deployments)
         self.ops.register("apply", partial(handlers.apply, self), resumable=True)
@@ -139,6 +141,7 @@ class Engine:
         await self.autoscaler.load()
         await self.ops.start()
         self._autoscaling = asyncio.create_task(self.autoscaler.run(), name="autoscaler")
+        self.local.disk.start()
         self._background = asyncio.create_task(self._reconcile_loop(), name="reconcile")
         self._watcher = asyncio.create_task(DependencyWatcher(self).run(), name="dependencies")
 
@@ -160,6 +163,7 @@ class Engine:
             for state in self.stacks_state.values():
                 await asyncio.gather(*(s.detach() for s in state.supervisors.values()))
         await self.routers.close()
+        await self.local.disk.close()
         await self.autoscaler.close()
         await self.runtime.close()
         await self.store.close()
@@ -443,6 +447,7 @@ class Engine:
 
     def release_instance(self, state: StackState, sup: InstanceSupervisor) -> None:
         self.ports_for(state.stack).release(f"{state.stack.name}/{sup.name}")
+        self.local.release(state.stack.name, sup.name)
         state.supervisors.pop(sup.name, None)
 
     # -- internals --------------------------------------------------------------------
@@ -485,6 +490,8 @@ class Engine:
                     continue
                 handle = _handle_of(inst)
                 if handle is not None and self.runtime.adopt(handle):
+                    self.local.adopt(stack, stack.services[inst.service], inst.instance,
+                                     inst.runtime)
                     sup.start(adopt=handle)
                 else:
                     await self._kill_recorded(inst)

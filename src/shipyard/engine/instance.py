@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -14,14 +15,14 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from shipyard.engine.environment import instance_argv, instance_environment, instance_workdir
-from shipyard.errors import RuntimeLaunchError, TransientLaunchError
+from shipyard.errors import ResourceError, RuntimeLaunchError, TransientLaunchError
 from shipyard.health.monitor import ProbeMonitor
 from shipyard.health.probes import ProbeResult
 from shipyard.plan.restart import decide_restart
 from shipyard.reliability.breaker import BreakerConfig, CircuitBreaker, CircuitOpenError
 from shipyard.reliability.retry import Backoff, RetryExhaustedError, RetryPolicy, retry_async
 from shipyard.runtime.base import Handle, LaunchSpec
-from shipyard.runtime.container_spec import container_spec
+from shipyard.runtime.container_spec import ContainerSpec, container_spec
 from shipyard.spec.interpolate import expand
 from shipyard.spec.models import Probe, RestartMode, Service, Stack
 from shipyard.spec.units import format_duration
@@ -39,6 +40,10 @@ TERMINAL = (InstanceState.STOPPED, InstanceState.COMPLETED, InstanceState.FAILED
 # quickly, a few times, with full jitter so that many instances do not retry in step.
 LAUNCH_RETRY = RetryPolicy(backoff=Backoff.EXPONENTIAL_JITTER, initial=0.1, max_delay=2.0,
                            max_attempts=6, deadline=10.0)
+
+
+def _with_gpus(spec: ContainerSpec | None, gpus: tuple[str, ...]) -> ContainerSpec | None:
+    return dataclasses.replace(spec, gpus=list(gpus)) if spec is not None and gpus else spec
 
 
 class InstanceSupervisor:
@@ -245,6 +250,8 @@ class InstanceSupervisor:
         await self._set(InstanceState.STARTING, "starting", None, pid=None, exit_code=None)
         try:
             env = self._environment()
+            assigned = eng.local.assign(self.stack, svc, rec.instance)  # CPU set, GPUs
+            env = {**env, **assigned.env}
             spec = LaunchSpec(
                 stack=rec.stack, service=rec.service, instance=rec.instance,
                 argv=instance_argv(rec.service, svc, env) if svc.command else [], env=env,
@@ -253,19 +260,22 @@ class InstanceSupervisor:
                 log_max_bytes=eng.config.log_max_bytes, log_backups=eng.config.log_backups,
                 stop_signal=svc.stop.signal, stop_timeout=svc.stop.timeout,
                 cpu_limit=svc.resources.cpu, memory_limit=svc.resources.memory,
-                container=container_spec(self.stack, rec.service) if svc.image else None,
+                swap_limit=svc.resources.swap, cpuset=assigned.cpuset, mems=assigned.mems,
+                container=_with_gpus(container_spec(self.stack, rec.service), assigned.gpus)
+                if svc.image else None,
             )
             handle = await retry_async(
                 LAUNCH_RETRY, eng.runtime.start, spec, retry_on=TransientLaunchError,
                 on_retry=self._launch_retry,
                 breaker=eng.breakers.get(f"runtime:{rec.stack}/{rec.service}"))
-        except (RuntimeLaunchError, RetryExhaustedError, CircuitOpenError) as exc:
+        except (RuntimeLaunchError, RetryExhaustedError, CircuitOpenError,
+                ResourceError) as exc:
             await self._set(InstanceState.FAILED, exc.message, "instance.failed", ready=False)
             return None
         self.ever_started = True
         await self._set(InstanceState.RUNNING, f"pid {handle.pid}", "instance.started",
                         pid=handle.pid, pgid=handle.pgid, proc_start=handle.proc_start,
-                        cgroup=handle.cgroup, runtime=dict(handle.extra),
+                        cgroup=handle.cgroup, runtime={**handle.extra, **assigned.record()},
                         started_at=time.time(), ready=False, health="unknown")
         return handle
 

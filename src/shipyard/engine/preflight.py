@@ -17,6 +17,7 @@ from shipyard.plan.diff import Change, diff_stack
 from shipyard.plan.graph import DependencyGraph
 from shipyard.plan.rollout import describe_update
 from shipyard.resources.capacity import HostCapacity, check_fit, detect_host_capacity
+from shipyard.resources.cpusets import share_for, stack_cpuset_problems
 from shipyard.resources.ports import find_port_holder, port_is_free
 from shipyard.spec.models import Stack
 
@@ -97,7 +98,13 @@ def _command_problems(stack: Stack) -> list[str]:
 def _fit_problems(engine: Engine, stack: Stack) -> list[str]:
     others = [st.stack for name, st in engine.stacks_state.items() if name != stack.name]
     shortfalls = check_fit(stack, host_capacity(), others=others)
-    return [f"not enough {s.describe()}" for s in shortfalls]
+    problems = [f"not enough {s.describe()}" for s in shortfalls]
+    pinned = [(n, s.resources.cpuset, s.resources.cpu, s.replicas)
+              for n, s in stack.services.items() if s.resources.cpuset]
+    if pinned:  # the host's topology is read only for stacks that pin
+        problems += stack_cpuset_problems(pinned, engine.local.cpusets.topology,
+                                          share_for(stack.capacity.overcommit.cpu))
+    return problems
 
 
 def _port_problems(engine: Engine, stack: Stack) -> list[str]:

@@ -14,8 +14,12 @@ Detection choices:
 - disk: *free* space on the filesystem of `path_for_disk`, not its size. A disk request is
   room to write; on a laptop whose disk is 90% full the total would promise space that
   does not exist. It is measured when detected (the engine detects once per process).
-- gpu: the lines `nvidia-smi -L` prints, run without a shell and with a short timeout;
-  0 when the tool is missing or fails.
+- gpu: the devices NVML or `nvidia-smi` list (resources/gpus.py); 0 when neither
+  answers. Their names are kept for messages: a stack asking for more GPUs than exist is
+  told which devices there are.
+
+GPU demand: a service with `resources.gpu_shared` needs its `gpu` devices once, whatever
+its replicas (they may share them); any other service needs gpu x replicas.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Protocol
 import psutil
 
 from shipyard.errors import ResourceError
+from shipyard.resources.gpus import discover_gpus
 from shipyard.spec.models import Capacity, Stack
 from shipyard.spec.units import format_cpu, format_size
 
@@ -63,6 +68,8 @@ class HostCapacity:
     disk: int
     gpu: int
     base: HostCapacity | None = field(default=None, repr=False, compare=False)
+    # The GPUs for messages ("GPU 0 (Tesla T4, GPU-...)", or why there are none).
+    gpu_devices: str = field(default="", repr=False, compare=False)
 
     def amount(self, resource: str) -> float:
         return float(getattr(self, resource))
@@ -118,11 +125,14 @@ def detect_host_capacity(path_for_disk: str = "/") -> HostCapacity:
         disk = int(psutil.disk_usage(path_for_disk).free)
     except OSError:
         disk = 0
-    return HostCapacity(cpu=cpus, memory=memory, disk=disk, gpu=detect_gpus())
+    gpus = discover_gpus()
+    return HostCapacity(cpu=cpus, memory=memory, disk=disk, gpu=len(gpus.devices),
+                        gpu_devices=gpus.describe())
 
 
 def detect_gpus(timeout: float = 2.0) -> int:
-    """How many NVIDIA GPUs `nvidia-smi -L` lists; 0 without the tool or on any failure."""
+    """(Kept for callers that only count; `gpus.discover_gpus` names the devices.)
+    How many NVIDIA GPUs `nvidia-smi -L` lists; 0 without the tool or on any failure."""
     tool = shutil.which("nvidia-smi")
     if tool is None:
         return 0
@@ -191,6 +201,7 @@ def effective_capacity(capacity: Capacity, host: HostCapacity) -> HostCapacity:
         disk=int(base.disk * over.disk),
         gpu=int(base.gpu * over.gpu + _EPSILON),
         base=base,
+        gpu_devices=host.gpu_devices if capacity.gpu is None else "",
     )
 
 
@@ -217,8 +228,11 @@ class Shortfall:
             total = self.capacity.explain(self.resource)
             whole = abs(self.capacity.amount(self.resource) - self.available) < _EPSILON
             avail = total if whole else f"{avail} of {total}"
+        devices = ""
+        if self.resource == "gpu" and self.capacity is not None and self.capacity.gpu_devices:
+            devices = f"; this host has: {self.capacity.gpu_devices}"
         return (f"{self.resource}: the stack requests {fmt(self.resource, self.requested)}"
-                + (f" ({who})" if who else "") + f" but only {avail} is available")
+                + (f" ({who})" if who else "") + f" but only {avail} is available" + devices)
 
     def __str__(self) -> str:
         return f"not enough {self.describe()}"
@@ -230,6 +244,8 @@ def stack_demand(stack: Stack) -> dict[str, list[tuple[str, float]]]:
     for name, svc in stack.services.items():
         for resource in RESOURCES:
             amount = float(getattr(svc.resources, resource)) * svc.replicas
+            if resource == "gpu" and svc.resources.gpu_shared and svc.replicas > 0:
+                amount = float(svc.resources.gpu)
             if amount > 0:
                 out[resource].append((name, amount))
     return out

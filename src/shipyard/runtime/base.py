@@ -29,6 +29,9 @@ class LaunchSpec:
     stop_timeout: float = 10.0
     cpu_limit: float = 0.0  # cores; 0 = unlimited
     memory_limit: int = 0  # bytes; 0 = unlimited
+    swap_limit: int | None = None  # bytes of swap beyond memory_limit; 0 = none; None = any
+    cpuset: str | None = None  # CPUs to run on, "0-3,6"; None = not pinned
+    mems: str | None = None  # NUMA memory nodes to allocate from, "0"; None = inherited
     container: ContainerSpec | None = None  # set for a service with an image
 
 

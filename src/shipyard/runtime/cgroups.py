@@ -2,10 +2,10 @@
 
 Layout: `<base>/shipyard/<stack>/<instance>` where `<base>` is, in each hierarchy, the
 cgroup of the control plane itself (or `parent` when given, relative to the hierarchy
-root). cgroup v1 uses the memory, cpu, pids and freezer hierarchies that are mounted; v2
-uses one directory with memory.max, cpu.max and the pids controller when they can be
-enabled. Everything here is synchronous file I/O on cgroupfs (fast, no blocking waits);
-waiting is left to the caller.
+root). cgroup v1 uses the memory, cpu, cpuset, pids and freezer hierarchies that are
+mounted; v2 uses one directory with memory.max, cpu.max, the cpuset and pids controllers
+when they can be enabled (cpusets and swap: runtime/limits.py). Everything here is
+synchronous file I/O on cgroupfs (fast, no blocking waits); waiting is left to the caller.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from shipyard.runtime.limits import apply_cpuset, apply_swap, inherit_v1, is_v1_cpuset
+
 CgroupMode = Literal["auto", "v1", "v2", "off"]
 
-V1_CONTROLLERS = ("memory", "cpu", "pids", "freezer")
-V2_CONTROLLERS = ("memory", "cpu", "pids")
+V1_CONTROLLERS = ("memory", "cpu", "cpuset", "pids", "freezer")
+V2_CONTROLLERS = ("memory", "cpu", "cpuset", "pids")
 LIMITS = ("memory", "cpu")  # the controllers needed to enforce LaunchSpec limits
 CPU_PERIOD_US = 100_000
 TOP = "shipyard"
@@ -132,6 +134,7 @@ class CgroupSupport:
     mounts: list[Mount] = field(default_factory=list)  # v1: the hierarchy of each base
     limits: frozenset[str] = frozenset()  # subset of LIMITS that can be enforced
     problem: str | None = None  # why cgroups (or some limits) are unavailable
+    cpuset: bool = False  # whether cpusets are enforced by the cgroup (else by affinity)
 
     @property
     def enabled(self) -> bool:
@@ -143,10 +146,12 @@ class CgroupSupport:
     def stack_dirs(self, stack: str) -> list[str]:
         return [os.path.join(b, safe_name(stack)) for b in self.bases]
 
-    def create(self, stack: str, instance: str, cpu_limit: float,
-               memory_limit: int) -> InstanceCgroup:
+    def create(self, stack: str, instance: str, cpu_limit: float, memory_limit: int, *,
+               swap_limit: int | None = None, cpuset: str | None = None,
+               mems: str | None = None) -> InstanceCgroup:
         """Create the (empty) cgroup of an instance and apply its limits. A leftover
-        directory must have been emptied and removed by the caller first."""
+        directory must have been emptied and removed by the caller first. Raises
+        RuntimeLaunchError (after removing it) when the kernel refuses the cpuset."""
         paths = self.instance_paths(stack, instance)
         for attempt in range(3):
             try:
@@ -169,7 +174,12 @@ class CgroupSupport:
                 if attempt == 2:
                     raise
         cg = InstanceCgroup(paths)
-        cg.apply_limits(cpu_limit, memory_limit)
+        try:
+            cg.cpuset_applied = apply_cpuset(paths, self.version, cpuset, mems)
+        except Exception:
+            cg.remove()
+            raise
+        cg.apply_limits(cpu_limit, memory_limit, swap_limit)
         return cg
 
     def list_instances(self, stack: str | None = None) -> list[str]:
@@ -262,6 +272,7 @@ def detect(mode: CgroupMode = "auto", parent: str | None = None, *, top: str = T
         if support.enabled:
             support.limits = frozenset(c for c in LIMITS if c in v1)
             support.mounts = used
+            _prepare_v1_cpuset(support)
     elif v2 is not None and mode in ("auto", "v2"):
         top_dir = os.path.join(_hierarchy_dir(v2, own.get("", "/"), parent), top)
         support = _probe(2, [top_dir])
@@ -269,6 +280,7 @@ def detect(mode: CgroupMode = "auto", parent: str | None = None, *, top: str = T
             _enable_v2_own(os.path.dirname(top_dir), move_self=parent is None)
             enabled = _enable_v2_controllers(top_dir)
             support.limits = frozenset(c for c in LIMITS if c in enabled)
+            support.cpuset = "cpuset" in enabled
     else:
         return CgroupSupport(0, problem="no cgroup hierarchy is mounted")
     if support.enabled and set(LIMITS) - support.limits:
@@ -276,6 +288,20 @@ def detect(mode: CgroupMode = "auto", parent: str | None = None, *, top: str = T
         support.problem = (f"cgroup v{support.version}: controller(s) {missing} not available"
                            f" under {os.path.dirname(support.bases[0])}")
     return support
+
+
+def _prepare_v1_cpuset(support: CgroupSupport) -> None:
+    """Give our v1 cpuset directory its parent's cpus and mems (tasks cannot join a cpuset
+    without them); without permission, leave the cpuset hierarchy out (pinning then falls
+    back to CPU affinity)."""
+    for i, base in enumerate(support.bases):
+        if is_v1_cpuset(base):
+            try:
+                inherit_v1(base)
+                support.cpuset = True
+            except OSError:
+                del support.bases[i], support.mounts[i]
+            return
 
 
 def _subtree(path: str) -> list[str]:
@@ -327,6 +353,7 @@ class InstanceCgroup:
     def __init__(self, paths: Iterable[str]) -> None:
         self.paths = [p for p in paths if p]
         self.cpu_quota: tuple[str, str] | None = None  # v1: (cfs_quota_us file, quota set)
+        self.cpuset_applied = False  # whether the cgroup pins the instance's CPUs
 
     @classmethod
     def parse(cls, joined: str) -> InstanceCgroup:
@@ -358,7 +385,8 @@ class InstanceCgroup:
                 return candidate
         return None
 
-    def apply_limits(self, cpu_limit: float, memory_limit: int) -> None:
+    def apply_limits(self, cpu_limit: float, memory_limit: int,
+                     swap_limit: int | None = None) -> None:
         if cpu_limit > 0:
             quota = max(1000, int(cpu_limit * CPU_PERIOD_US))
             if f := self._find("cpu.max"):
@@ -369,16 +397,9 @@ class InstanceCgroup:
                 _write(f, str(quota))
                 self.cpu_quota = (f, str(quota))
         if memory_limit > 0:
-            if f := self._find("memory.max"):
+            if (f := self._find("memory.max")) or (f := self._find("memory.limit_in_bytes")):
                 _write(f, str(memory_limit))
-                if g := self._find("memory.swap.max"):
-                    with contextlib.suppress(OSError):
-                        _write(g, "0")
-            elif f := self._find("memory.limit_in_bytes"):
-                _write(f, str(memory_limit))
-                if g := self._find("memory.memsw.limit_in_bytes"):  # no escape into swap
-                    with contextlib.suppress(OSError):
-                        _write(g, str(memory_limit))
+            apply_swap(self._find, memory_limit, swap_limit)
 
     def pids(self) -> set[int]:
         """The processes in the cgroup. Never our own: on v1 our spawning thread visits

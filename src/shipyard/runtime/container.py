@@ -4,8 +4,9 @@
 - Host network by default, so `PORT` and the probes work as for processes.
 - Labels `shipyard.home`, `shipyard.stack`, `shipyard.service`, `shipyard.instance` let a
   restarted control plane find and re-adopt its containers (`discover`).
-- Limits: memory (swap included), CPU, pids, and ulimits no higher than the control
-  plane's own (a container may not raise them above the host's).
+- Limits (container_spec.limit_options): memory and swap, CPU, cpuset, GPUs (a device
+  request), pids, and ulimits no higher than the control plane's own (a container may
+  not raise them above the host's).
 - Output: one thread per container follows its logs into the instance's log file and,
   when the stream ends, reads the exit status; the container is then removed.
 - Exit codes follow the process runtime: 128+N (killed by signal N) is reported as -N.
@@ -43,7 +44,7 @@ from docker.types import Ulimit
 from shipyard.errors import RuntimeLaunchError, TransientLaunchError
 from shipyard.runtime.base import Handle, LaunchSpec, Runtime
 from shipyard.runtime.container_images import ensure_image, explain, mounts_for
-from shipyard.runtime.container_spec import container_env
+from shipyard.runtime.container_spec import container_env, limit_options
 from shipyard.runtime.podman import PodmanService, configured_url, oom_killed_in_kernel_log
 
 log = logging.getLogger(__name__)
@@ -179,10 +180,7 @@ class ContainerRuntime(Runtime):
             options["command"] = spec.argv
         if cs.entrypoint is not None:
             options["entrypoint"] = cs.entrypoint
-        if spec.memory_limit:
-            options["mem_limit"] = options["memswap_limit"] = spec.memory_limit
-        if spec.cpu_limit:
-            options["nano_cpus"] = int(spec.cpu_limit * 1e9)
+        options.update(limit_options(spec))
         if cs.pids_limit:
             options["pids_limit"] = cs.pids_limit
         Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)

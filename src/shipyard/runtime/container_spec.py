@@ -13,9 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from shipyard.runtime.base import LaunchSpec
     from shipyard.spec.models import Stack
 
 INJECTED_PREFIXES = ("SHIPYARD_", "PORT")
+# memswap_limit for "no swap limit": Docker reads -1 so, but podman's compat API reads -1
+# (and 0) as its default, twice the memory; 4 EiB is beyond any host's memory + swap.
+UNLIMITED_MEMSWAP = 2**62
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class ContainerSpec:
     mounts: list[MountSpec] = field(default_factory=list)
     pids_limit: int = 0
     env_keys: frozenset[str] = frozenset()  # passed into the container besides the injected
+    gpus: list[str] = field(default_factory=list)  # host GPU indices given to the container
 
 
 def container_spec(stack: Stack, service_name: str) -> ContainerSpec | None:
@@ -73,6 +78,29 @@ def container_spec(stack: Stack, service_name: str) -> ContainerSpec | None:
         pids_limit=int(_opt(service, "pids_limit") or 0),
         env_keys=frozenset(keys),
     )
+
+
+def limit_options(spec: LaunchSpec) -> dict[str, Any]:
+    """The resource options of `containers.create` for an instance: memory with its swap
+    (`memswap_limit` is memory + swap), CPU quota and cpuset, and a device request for its
+    GPUs (it sees them numbered from 0)."""
+    options: dict[str, Any] = {}
+    if spec.memory_limit:
+        options["mem_limit"] = spec.memory_limit
+        options["memswap_limit"] = (UNLIMITED_MEMSWAP if spec.swap_limit is None
+                                    else spec.memory_limit + spec.swap_limit)
+    if spec.cpu_limit:
+        options["nano_cpus"] = int(spec.cpu_limit * 1e9)
+    if spec.cpuset:
+        options["cpuset_cpus"] = spec.cpuset
+        if spec.mems:
+            options["cpuset_mems"] = spec.mems
+    if spec.container is not None and spec.container.gpus:
+        from docker.types import DeviceRequest
+
+        options["device_requests"] = [DeviceRequest(device_ids=list(spec.container.gpus),
+                                                    capabilities=[["gpu"]])]
+    return options
 
 
 def container_env(env: dict[str, str], spec: ContainerSpec) -> dict[str, str]:

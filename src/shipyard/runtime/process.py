@@ -27,6 +27,7 @@ from shipyard.errors import RuntimeLaunchError, TransientLaunchError
 from shipyard.runtime import procscan
 from shipyard.runtime.base import Handle, LaunchSpec, Runtime
 from shipyard.runtime.cgroups import TOP, CgroupMode, InstanceCgroup, detect, prune_empty
+from shipyard.runtime.limits import affinity_preexec
 from shipyard.runtime.spawn import (
     cgroup_joiner,
     check_workdir,
@@ -161,7 +162,8 @@ class ProcessRuntime(Runtime):
                             spec.service, leftover)
             await self._empty_cgroup(leftover)
         try:
-            return support.create(spec.stack, spec.instance, spec.cpu_limit, spec.memory_limit)
+            return support.create(spec.stack, spec.instance, spec.cpu_limit, spec.memory_limit,
+                                  swap_limit=spec.swap_limit, cpuset=spec.cpuset, mems=spec.mems)
         except OSError as exc:
             log.warning("service %s: cannot set up cgroup %s (%s); running without it,"
                         " limits not enforced", spec.service, leftover, exc)
@@ -172,15 +174,19 @@ class ProcessRuntime(Runtime):
     def _spawn(self, spec: LaunchSpec, executable: str, fd: int,
                cgroup: InstanceCgroup | None) -> subprocess.Popen[bytes] | None:
         """Start the child; with a cgroup, inside it before it runs anything: born there
-        (v1, see threadspawn), else joining it by a preexec_fn before its exec."""
+        (v1, see threadspawn), else joining it by a preexec_fn before its exec. A cpuset
+        the cgroup does not enforce is set as the child's CPU affinity (runtime/limits)."""
+        pin = None if cgroup is not None and cgroup.cpuset_applied else spec.cpuset
         try:
             if cgroup is None:
-                return launch(spec, executable, fd)
+                return launch(spec, executable, fd, affinity_preexec(pin))
             if self._spawner is not None:
-                popen = self._spawner.spawn(cgroup, partial(launch, spec, executable, fd))
+                popen = self._spawner.spawn(
+                    cgroup, partial(launch, spec, executable, fd, affinity_preexec(pin)))
                 if popen is not None:
                     return popen
-            return launch(spec, executable, fd, cgroup_joiner(cgroup.procs_files))
+            return launch(spec, executable, fd,
+                          affinity_preexec(pin, cgroup_joiner(cgroup.procs_files)))
         except subprocess.SubprocessError as exc:  # only the preexec_fn raises this
             log.warning("service %s: cannot join cgroup %s (%s); running without it,"
                         " limits not enforced", spec.service, cgroup, exc)

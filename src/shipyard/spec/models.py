@@ -129,10 +129,49 @@ class Health(Model):
 
 
 class Resources(Model):
+    """Requests of one instance; docs/resources.md says what is enforced where."""
+
     cpu: Cpu = 0.0
     memory: Size = 0
     disk: Size = 0
     gpu: int = Field(0, ge=0)
+    # None: not pinned; "auto": whole cores of one NUMA node, sized from `cpu`; or an
+    # explicit CPU list like "0-3,6" (checked against the host's online CPUs at deploy).
+    cpuset: str | None = Field(None, json_schema_extra={"anyOf": [
+        {"type": "string",
+         "pattern": r"^\s*(auto|\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*)\s*$"},
+        {"type": "integer", "minimum": 0}, {"type": "null"}]})
+    gpu_shared: bool = False  # the GPUs may also be given to other gpu_shared instances
+    swap: Size | None = None  # swap beyond `memory`; 0: none; unset: unlimited
+    disk_action: Literal["warn", "stop"] = "warn"  # when `disk` is exceeded
+
+    @field_validator("cpuset", mode="before")
+    @classmethod
+    def _cpuset(cls, value: Any) -> Any:
+        from shipyard.resources.topology import format_cpulist, parse_cpulist
+
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            value = str(value)
+        if not isinstance(value, str):
+            raise ValueError(f"cpuset must be auto or a CPU list like 0-3,6, not {value!r}")
+        if value.strip() == "auto":
+            return "auto"
+        try:
+            cpus = parse_cpulist(value)
+        except ValueError as exc:
+            raise ValueError(f"{exc}, or auto") from None
+        if not cpus:
+            raise ValueError("cpuset names no CPU: give a list like 0-3,6, or auto")
+        return format_cpulist(cpus)
+
+    @model_validator(mode="after")
+    def _swap_needs_memory(self) -> Resources:
+        if self.swap is not None and self.memory <= 0:
+            raise ValueError("resources.swap limits swap beyond resources.memory: "
+                             "set memory too")
+        return self
 
 
 class RestartPolicy(Model):
