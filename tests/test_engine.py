@@ -637,3 +637,21 @@ async def test_transient_launch_failure_is_retried_and_permanent_one_is_not(
     assert not result.ok and "Exec format error" in result.failed["b"], result.failed
     kinds = [e.kind for e in await engine.store.list_events(stack="t2")]
     assert "instance.launch-retry" not in kinds
+
+
+async def test_cpuset_auto_pins_each_instance_to_cores_of_its_own(engine: Engine,
+                                                                  tmp_path: Path) -> None:
+    cores = engine.local.cpusets.topology
+    if len(cores.cores) < 2:
+        pytest.skip("needs two cores")
+    stack = make_stack(tmp_path, {"a": svc(replicas=2, resources={"cpu": 1, "cpuset": "auto"})})
+    assert (await engine.apply(stack)).ok
+    allowed = []
+    for inst in await engine.instances("t", "a"):
+        with open(f"/proc/{inst.pid}/status") as f:
+            line = next(x for x in f if x.startswith("Cpus_allowed_list"))
+        allowed.append(line.split()[1])
+        assert inst.runtime["cpuset"] == allowed[-1]
+    assert len(set(allowed)) == 2  # two instances, two different cores
+    await engine.down("t")
+    assert engine.local.cpusets.allocate_cpu("x/y-1", 2).cpuset  # all released again
