@@ -22,6 +22,12 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+# Runtimes made without a cgroup name share one top cgroup; pruning the empty cgroups of
+# one test must not race another xdist worker's stack that is being created there.
+os.environ.setdefault("SHIPYARD_CGROUP_NAME",
+                      f"shipyard-test-{os.environ.get('PYTEST_XDIST_WORKER', 'gw0')}")
+
+
 def port_range(size: int = 1000) -> str:
     """A port range of its own for each xdist worker: two control planes in two test
     processes would otherwise both see a port free and hand it out at the same time.

@@ -309,6 +309,10 @@ def _subtree(path: str) -> list[str]:
     dozens of control files that os.walk would classify for nothing)."""
     out: list[str] = []
     try:
+        # a cgroup directory's link count is 2 plus its sub-directories: most instances
+        # have none, and one stat is cheaper than listing dozens of control files
+        if os.stat(path).st_nlink <= 2:
+            return [path]
         with os.scandir(path) as entries:
             subdirs = [e.path for e in entries if e.is_dir(follow_symlinks=False)]
     except OSError:
@@ -354,6 +358,8 @@ class InstanceCgroup:
         self.paths = [p for p in paths if p]
         self.cpu_quota: tuple[str, str] | None = None  # v1: (cfs_quota_us file, quota set)
         self.cpuset_applied = False  # whether the cgroup pins the instance's CPUs
+        self._removed = False
+        self._found: dict[str, str | None] = {}  # control file name → path (or None)
 
     @classmethod
     def parse(cls, joined: str) -> InstanceCgroup:
@@ -379,11 +385,21 @@ class InstanceCgroup:
         return out
 
     def _find(self, filename: str) -> str | None:
-        for path in self.paths:
+        """The control file `filename` in whichever hierarchy has it (cached: stat on
+        /sys/fs/cgroup is not free). A v1 controller's files live in the hierarchy
+        named after it, so that one is tried first."""
+        if filename in self._found:
+            return self._found[filename]
+        controller = filename.partition(".")[0]
+        ordered = sorted(self.paths, key=lambda p: f"/{controller}" not in p)
+        found = None
+        for path in ordered:
             candidate = os.path.join(path, filename)
             if os.path.exists(candidate):
-                return candidate
-        return None
+                found = candidate
+                break
+        self._found[filename] = found
+        return found
 
     def apply_limits(self, cpu_limit: float, memory_limit: int,
                      swap_limit: int | None = None) -> None:
@@ -417,14 +433,13 @@ class InstanceCgroup:
     def empty(self) -> bool:
         return not self.pids()
 
-    def signal(self, sig: int) -> int:
-        """Send `sig` to every process in the cgroup; how many were signalled."""
-        count = 0
-        for pid in self.pids():
+    def signal(self, sig: int) -> set[int]:
+        """Send `sig` to every process in the cgroup; the processes it found there."""
+        pids = self.pids()
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
-                count += 1
-        return count
+        return pids
 
     def _set_frozen(self, frozen: bool, wait: float = 0.1) -> bool:
         if f := self._find("freezer.state"):
@@ -478,7 +493,9 @@ class InstanceCgroup:
 
     def remove(self) -> bool:
         """Remove the (empty) directories, and the stack directory if it is now empty;
-        True when the instance cgroup is gone."""
+        True when the instance cgroup is gone (at once, when this object removed it)."""
+        if self._removed:
+            return True
         ok = True
         for d in self._dirs():
             try:
@@ -489,6 +506,10 @@ class InstanceCgroup:
                 if exc.errno != errno.ENOENT:
                     ok = False
         if ok:
+            self._removed = True
+            with contextlib.suppress(OSError):  # other instances still there: leave it
+                if os.stat(os.path.dirname(self.paths[0])).st_nlink > 2:
+                    return ok
             for path in self.paths:
                 with contextlib.suppress(OSError):
                     os.rmdir(os.path.dirname(path))  # the stack dir, when empty

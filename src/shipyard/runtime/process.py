@@ -71,15 +71,17 @@ class ProcessRuntime(Runtime):
     name = "process"
 
     def __init__(self, *, cgroups: CgroupMode = "auto", cgroup_parent: str | None = None,
-                 cgroup_name: str = TOP, track_interval: float = 1.0,
+                 cgroup_name: str | None = None, track_interval: float = 1.0,
                  thread_join: bool = True) -> None:
         """`cgroups`: "auto" (v1 or v2, whichever the host has), "v1", "v2" or "off".
         `cgroup_parent`: the cgroup under which `shipyard/<stack>/<instance>` is made,
         relative to each hierarchy's root (default: the control plane's own cgroup).
-        `cgroup_name`: the name of that top cgroup, distinct per Shipyard home.
+        `cgroup_name`: the name of that top cgroup, distinct per Shipyard home (default:
+        $SHIPYARD_CGROUP_NAME, else "shipyard").
         `thread_join` (v1): start children from a thread that visits their cgroup; False
         always uses the fallback, a forked child joining it by a preexec_fn (slower)."""
-        self.cgroup_support = detect(cgroups, cgroup_parent, top=cgroup_name)
+        top = cgroup_name or os.environ.get("SHIPYARD_CGROUP_NAME") or TOP
+        self.cgroup_support = detect(cgroups, cgroup_parent, top=top)
         self.track_interval = track_interval
         self.warning: str | None = None
         support = self.cgroup_support
@@ -295,6 +297,8 @@ class ProcessRuntime(Runtime):
         sig = parse_signal(signal_name)
         child = self._own(handle)
         cg = InstanceCgroup.parse(handle.cgroup) if handle.cgroup else None
+        if child is not None and child.cgroup is not None:
+            cg = child.cgroup  # the same object as the exit handler's: removed once
         if child is not None and cg is not None and not child.done.done():
             with contextlib.suppress(OSError):
                 child.oom_at_stop = cg.oom_kills()
@@ -332,9 +336,10 @@ class ProcessRuntime(Runtime):
         process group and the processes we can attribute to the instance; returns the
         latter as (pid, start) for later checks."""
         if cg is not None:
+            found: set[int] = set()
             with contextlib.suppress(OSError):
-                cg.signal(sig)
-            if self._main_alive(handle, child) and handle.pid not in cg.pids():
+                found = cg.signal(sig)
+            if handle.pid not in found and self._main_alive(handle, child):
                 with contextlib.suppress(OSError):  # not in its cgroup (could not join)
                     os.killpg(handle.pgid, sig)
             return set()
@@ -383,6 +388,8 @@ class ProcessRuntime(Runtime):
         left: set[int] = set()
         if self._main_alive(handle, child):
             left.add(handle.pid)
+            if child is not None:  # ours: waited for by its exit; the rest is read after
+                return left
         if cg is not None:
             with contextlib.suppress(OSError):
                 left |= cg.pids()
