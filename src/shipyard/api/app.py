@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shipyard import __version__
-from shipyard.api import streams
+from shipyard.api import ha, streams
 from shipyard.api.day2_routes import day2_router
 from shipyard.api.models import (
     ApplyRequest,
@@ -110,15 +110,17 @@ def create_app(engine: Engine, security: Security | None = None) -> FastAPI:
     if security is None:
         security = Security.for_home(engine.config.home, trust_in_process=True)
     app = FastAPI(title="Shipyard", version=__version__, openapi_url=None, docs_url=None,
-                  redoc_url=None, description="The Shipyard control plane.")
+                  redoc_url=None, description="The Shipyard control plane.",
+                  dependencies=[Depends(ha.leader_gate)])  # a standby forwards (api/ha.py)
     app.state.api = ApiState(engine)
     app.state.security = security
     app.add_middleware(SecurityMiddleware, security=security)
     _install_error_handlers(app)
 
     @app.get("/healthz", tags=["meta"], dependencies=[allow("system", "read")])
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "version": __version__, "pid": os.getpid()}
+    async def healthz(request: Request) -> dict[str, Any]:
+        return {"status": "ok", "version": __version__, "pid": os.getpid(),
+                **ha.status_of(request.app)}
 
     @app.get("/metrics", tags=["meta"], response_class=Response,
              dependencies=[allow("system", "read")])
@@ -135,6 +137,7 @@ def create_app(engine: Engine, security: Security | None = None) -> FastAPI:
     app.include_router(_router())
     app.include_router(security_router(), responses=ERRORS)
     app.include_router(day2_router(), responses=ERRORS)
+    ha.install(app)
     require_declared(app)
     return app
 

@@ -110,6 +110,11 @@ class Client:
             return False
         return True
 
+    def leader(self) -> dict[str, Any]:
+        """Who leads the control planes sharing this server's store, and its own role."""
+        result: dict[str, Any] = self._json("GET", "/v1/leader")
+        return result
+
     def metrics(self) -> str:
         return self._request("GET", "/metrics").text
 

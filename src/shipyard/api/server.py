@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from shipyard.api.app import close_streams, create_app
+from shipyard.api.ha import ha_enabled, serve_ha
 from shipyard.errors import InputError, ShipyardError
 from shipyard.security.config import SecurityConfig, TlsFiles
 from shipyard.security.guard import Security
@@ -246,7 +247,8 @@ class _Server(uvicorn.Server):
 async def serve(engine: Engine, *, socket_path: Path | None = None, tcp: str | None = None,
                 listeners: Listeners | None = None, stop: asyncio.Event | None = None,
                 on_ready: Callable[[Listeners], None] | None = None,
-                handle_signals: bool = True, security: Security | None = None) -> None:
+                handle_signals: bool = True, security: Security | None = None,
+                configure: Callable[[FastAPI], None] | None = None) -> None:
     """Serve the API for `engine` until SIGTERM/SIGINT (when `handle_signals`, in the main
     thread) or until `stop` is set; then end open streams and shut down gracefully.
 
@@ -265,7 +267,7 @@ async def serve(engine: Engine, *, socket_path: Path | None = None, tcp: str | N
             listeners = open_listeners(socket_path, tcp, group=security.config.unix.group)
         try:
             await _serve(engine, listeners, stop or asyncio.Event(), on_ready,
-                         handle_signals, security)
+                         handle_signals, security, configure)
         finally:
             listeners.close()
     finally:
@@ -284,8 +286,11 @@ def _config(app: FastAPI) -> uvicorn.Config:
 
 async def _serve(engine: Engine, listeners: Listeners, stop: asyncio.Event,
                  on_ready: Callable[[Listeners], None] | None, handle_signals: bool,
-                 security: Security) -> None:
+                 security: Security, configure: Callable[[FastAPI], None] | None = None
+                 ) -> None:
     app = create_app(engine, security)
+    if configure is not None:  # e.g. high availability (api/ha.py)
+        configure(app)
     # Two uvicorn servers over one app: the unix socket in clear, TCP with TLS.
     servers: list[tuple[_Server, list[socket.socket]]] = [
         (_Server(_config(app)), [listeners.unix])]
@@ -340,10 +345,12 @@ def stop_on_signals(stop: asyncio.Event, enabled: bool = True) -> Iterator[None]
 async def run_server(config: EngineConfig, *, tcp: str | None = None,
                      stop: asyncio.Event | None = None,
                      on_ready: Callable[[Listeners], None] | None = None,
-                     handle_signals: bool = True) -> None:
+                     handle_signals: bool = True, ha: bool | None = None,
+                     lease_ttl: int = 5) -> None:
     """The whole control plane: read security.yaml and claim the home and bind the sockets
     first (so a second server, or a bad configuration, fails before touching the store),
-    then run the engine and serve its API."""
+    then run the engine and serve its API. With `ha` (the default on an etcd store) the
+    engine runs under the leader election (api/ha.py, engine/leadership.py)."""
     from shipyard.engine.engine import Engine
 
     security_config = SecurityConfig.load(config.home)
@@ -355,6 +362,10 @@ async def run_server(config: EngineConfig, *, tcp: str | None = None,
     try:
         security = Security(security_config)
         with stop_on_signals(stop, handle_signals):
+            if ha_enabled(config, ha):  # several servers on one etcd, one of them leads
+                await serve_ha(config, listeners, stop=stop, on_ready=on_ready,
+                               security=security, ttl=lease_ttl)
+                return
             async with Engine(config) as engine:
                 await serve(engine, listeners=listeners, stop=stop, on_ready=on_ready,
                             handle_signals=False, security=security)

@@ -159,13 +159,27 @@ def down(ctx: click.Context, stack: str | None) -> None:
 @click.option("--listen", "--tcp", "tcp", metavar="HOST:PORT", default=None,
               help="also listen on TCP, with TLS and authentication (loopback addresses "
                    "only; needs `shipyard tls init` first)")
+@click.option("--store", metavar="URL", default=None,
+              help="the state store (default: $SHIPYARD_STORE, else home/state.db); "
+                   "etcd://host:2379,... lets several servers share it")
+@click.option("--ha/--no-ha", "ha", default=None,
+              help="campaign for leadership on the etcd store: one server acts, the others "
+                   "stand by and forward writes (default: on with an etcd store)")
+@click.option("--lease-ttl", metavar="SECONDS", type=click.IntRange(1, 60), default=5,
+              show_default=True, help="the leader's lease: a standby takes over within it "
+                                      "when the leader dies")
 @click.pass_context
-def server(ctx: click.Context, tcp: str | None) -> None:
+def server(ctx: click.Context, tcp: str | None, store: str | None, ha: bool | None,
+           lease_ttl: int) -> None:
     """Run the control plane: the engine and its API on the unix socket in the home."""
     from shipyard.api.server import Listeners, describe_tcp, parse_tcp, run_server, tls_for_tcp
     from shipyard.security.config import SecurityConfig
 
     config = Context.of(ctx).config
+    if store:
+        config.store = store
+    if ha and not config.store_url.startswith("etcd://"):
+        raise click.UsageError("--ha needs an etcd store (--store etcd://host:2379,...)")
     security = SecurityConfig.load(config.home)  # a bad security.yaml is bad usage
     if tcp:
         parse_tcp(tcp)  # a bad address is bad usage, refused before anything starts
@@ -175,7 +189,7 @@ def server(ctx: click.Context, tcp: str | None) -> None:
     ours = logging.getLogger("shipyard")  # the full log, not the CLI's warning lines
     ours.handlers.clear()
     ours.propagate = True
-    for noisy in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+    for noisy in ("uvicorn", "uvicorn.error", "uvicorn.access", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     def ready(listeners: Listeners) -> None:
@@ -185,5 +199,5 @@ def server(ctx: click.Context, tcp: str | None) -> None:
         if line:
             click.echo(line, err=True)
 
-    asyncio.run(run_server(config, tcp=tcp, on_ready=ready))
+    asyncio.run(run_server(config, tcp=tcp, on_ready=ready, ha=ha, lease_ttl=lease_ttl))
     click.echo("shipyard server stopped", err=True)

@@ -23,6 +23,7 @@ from shipyard.engine.config import EngineConfig
 from shipyard.engine.dependencies import DependencyWatcher
 from shipyard.engine.deploy import stack_document
 from shipyard.engine.instance import TERMINAL, InstanceSupervisor
+from shipyard.engine.leadership import stored_instances
 from shipyard.engine.local_resources import LocalResources
 from shipyard.engine.metrics import EngineMetrics
 from shipyard.engine.operations import OperationQueue, parse_priority
@@ -75,8 +76,10 @@ class StackState:
 
 class Engine:
     def __init__(self, config: EngineConfig | None = None, *,
-                 runtime: Runtime | None = None) -> None:
+                 runtime: Runtime | None = None, standby: bool = False) -> None:
         self.config = config or EngineConfig()
+        # HA (engine/leadership.py): a standby only reads the store until activate()
+        self.standby = standby
         # One cgroup subtree per Shipyard home, so two homes never touch each other's.
         digest = hashlib.sha1(str(self.config.home).encode()).hexdigest()[:8]
         # processes, and containers for services with an image (the container engine is
@@ -134,6 +137,14 @@ class Engine:
         self.config.logs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self.store.open()
         self._started = True
+        if not self.standby:
+            await self.activate()
+
+    async def activate(self) -> None:
+        """Start acting: recover from the store (re-adopting what still runs), run the
+        operations, the autoscaler and the reconcile loop. A standby does this once it
+        leads (engine/leadership.py)."""
+        self.standby = False
         warning = getattr(self.runtime, "warning", None)
         if warning:  # said once per control plane start, never silently
             await self.record_event(Event("runtime.warning", warning))
@@ -294,6 +305,8 @@ class Engine:
 
     async def instances(self, stack: str | None = None,
                         service: str | None = None) -> list[InstanceRecord]:
+        if self.standby:  # HA: what the leader recorded
+            return await stored_instances(self.store, stack, service)
         if stack is not None and stack not in self.stacks_state:
             raise NotFoundError(f"no stack named {stack}",
                                 hint=f"known: {', '.join(sorted(self.stacks_state)) or 'none'}")

@@ -46,6 +46,7 @@ from shipyard.state.base import (
     StackRecord,
     StateStore,
 )
+from shipyard.state.etcd_conn import delete_op
 from shipyard.state.etcd_db import EtcdDatabase
 from shipyard.state.etcd_keys import Keys, prefix_end
 from shipyard.state.etcd_tx import Cmp, TxState
@@ -306,9 +307,19 @@ class EtcdStore(EtcdDatabase, StateStore):
         cut = last + 1 - keep  # seqs are contiguous: the newest `keep` are >= cut
         if cut <= 1:
             return 0
-        deleted = await self._conn.delete_range(self.keys.events, self.keys.event(cut),
-                                                what="pruning events")
-        return int(deleted.deleted)
+        fence = self.fence
+        if fence is None:
+            deleted = await self._conn.delete_range(self.keys.events, self.keys.event(cut),
+                                                    what="pruning events")
+            return int(deleted.deleted)
+        resp = await self._conn.txn([fence.cmp.proto()],
+                                    [delete_op(self.keys.events, self.keys.event(cut))],
+                                    what="pruning events")
+        if not resp.succeeded:
+            if fence.on_fail is not None:
+                fence.on_fail()
+            raise fence.refused()
+        return int(resp.responses[0].response_delete_range.deleted)
 
     # -- operations -----------------------------------------------------------------------
     async def put_operation(self, op: OperationRecord) -> OperationRecord:

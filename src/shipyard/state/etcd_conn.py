@@ -177,6 +177,47 @@ class Connection:
         except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
             raise self.error(exc, what) from None
 
+    # -- leases (the leader election, state/election.py) ----------------------------------
+    async def lease_grant(self, ttl: int) -> tuple[int, int]:
+        """A new lease: (its id, the TTL etcd granted)."""
+        client = self._kv("granting a lease")
+        assert client.lease is not None
+        try:
+            resp = await client.lease.grant(ttl, timeout=self.timeout)
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+            raise self.error(exc, "granting a lease") from None
+        return int(resp.ID), int(resp.TTL)
+
+    async def lease_keepalive(self, lease: int) -> int:
+        """Renew `lease` once; the TTL it has again (0 or less: it has expired)."""
+        client = self._kv("renewing a lease")
+        assert client.lease is not None
+        call = client.lease.keep_alive(lease)
+        try:
+            async with asyncio.timeout(self.timeout):
+                async for resp in call:
+                    return int(resp.TTL)
+            return 0
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+            raise self.error(exc, "renewing a lease") from None
+        finally:
+            call.cancel()
+
+    async def lease_revoke(self, lease: int) -> None:
+        """Revoke `lease`: the keys attached to it are deleted at once."""
+        client = self._kv("revoking a lease")
+        assert client.lease is not None
+        try:
+            await client.lease.revoke(lease, timeout=self.timeout, max_attempts=1)
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+            raise self.error(exc, "revoking a lease") from None
+
+    def watch_key(self, key: bytes, start_revision: int) -> AsyncIterator[WatchResponse]:
+        """Puts and deletes of one key from `start_revision` on."""
+        client = self._kv("watching")
+        assert client.watch is not None
+        return client.watch.watch(key, start_revision=start_revision)
+
     def watch(self, prefix: bytes) -> AsyncIterator[WatchResponse]:
         """New puts under `prefix` from now on (the client reconnects by itself)."""
         client = self._kv("watching")
@@ -200,8 +241,8 @@ def range_op(key: bytes, end: bytes | None = None, *, count_only: bool = False,
         min_create_revision=min_create_revision))
 
 
-def put_op(key: bytes, value: bytes) -> RequestOp:
-    return RequestOp(request_put=PutRequest(key=key, value=value))
+def put_op(key: bytes, value: bytes, lease: int = 0) -> RequestOp:
+    return RequestOp(request_put=PutRequest(key=key, value=value, lease=lease))
 
 
 def delete_op(key: bytes, end: bytes | None = None) -> RequestOp:

@@ -22,7 +22,7 @@ from shipyard.errors import InputError, NotFoundError, StoreError
 from shipyard.state import etcd_keys as k
 from shipyard.state.etcd_conn import Connection, put_op, range_op
 from shipyard.state.etcd_keys import Keys, prefix_end
-from shipyard.state.etcd_tx import Cmp, Committer, Conflict, TxState
+from shipyard.state.etcd_tx import Cmp, Committer, Conflict, Fence, TxState
 
 T = TypeVar("T")
 RETRIES = 50  # attempts of a read-modify-write outside a transaction before giving up
@@ -155,6 +155,15 @@ class EtcdDatabase:
         if not self._conn.is_open:
             raise StoreError(f"state store {self.url} is not open",
                              hint="call `await store.open()` first")
+
+    @property
+    def fence(self) -> Fence | None:
+        return self._committer.fence
+
+    def set_fence(self, fence: Fence | None) -> None:
+        """Commit every write from now on only while `fence` holds (the leader key keeps
+        the create revision this control plane won it with); see etcd_tx.py."""
+        self._committer.fence = fence
 
     def transaction(self) -> _Transaction:
         """Group the writes made inside into one etcd transaction (see the module docs)."""

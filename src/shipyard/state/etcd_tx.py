@@ -19,12 +19,19 @@ batch and fails (NotFoundError when a stack it needs is gone, `Conflict` when a 
 read changed), the others are sent again. One etcd request is in flight at a time, and
 the transactions that arrive meanwhile form the next batch: a burst of N concurrent
 writes costs about N / 40 etcd round trips.
+
+A fenced committer (`Committer.fence`, set by a control plane that won the leader
+election, state/election.py) adds one more comparison to every etcd transaction: the
+leader key still has the create revision it had when this control plane won. Once the
+lease is gone (expired, revoked) or another control plane leads, every write fails with
+`NotLeader` and writes nothing, however late a paused process sends it.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +46,30 @@ _OP_OVERHEAD = 32  # bytes of framing per operation, for the request size estima
 
 class Conflict(Exception):
     """A key that a read-modify-write read was changed by another writer before commit."""
+
+
+class NotLeader(StoreError):
+    """A write refused by the store's fence: this control plane does not lead any more."""
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The condition every write of a fenced store commits under: `key` (the leader key)
+    has create revision `revision` (the term this control plane won). `on_fail` is told,
+    once per refused batch, that the fence held no more."""
+
+    key: bytes
+    revision: int
+    on_fail: Callable[[], None] | None = None
+
+    @property
+    def cmp(self) -> Cmp:
+        return Cmp(self.key, "create", self.revision, what="the leader key")
+
+    def refused(self) -> NotLeader:
+        return NotLeader(f"this control plane no longer leads (its term {self.revision} "
+                         "ended): the write was refused and nothing was written",
+                         hint="send the request to the current leader (`GET /v1/leader`)")
 
 
 @dataclass(frozen=True)
@@ -177,6 +208,7 @@ class Committer:
         self.max_bytes = max_bytes
         self.queue: deque[TxState] = deque()
         self.counters: dict[bytes, tuple[int, int]] = {}  # key -> (value, mod revision)
+        self.fence: Fence | None = None  # HA: what every commit also compares (see above)
         self._stale = True  # counters must be (re)read: at first, and after a failed send
         self._task: asyncio.Task[None] | None = None
 
@@ -199,7 +231,7 @@ class Committer:
         if tx.empty:
             return
         tx.count, tx.size = tx.n_ops(), tx.nbytes()
-        if tx.count + 2 > self.max_ops or len(tx.cmps) + 2 > self.max_ops:
+        if tx.count + 2 > self.max_ops or len(tx.cmps) + 3 > self.max_ops:
             raise StoreError(
                 f"etcd at {self.conn.where}: a transaction of {tx.count} writes is more "
                 f"than one etcd transaction may hold ({self.max_ops} operations)",
@@ -249,7 +281,7 @@ class Committer:
                 self.queue.popleft()
                 continue
             if batch and (n_ops + tx.count + 2 > self.max_ops
-                          or n_cmps + len(tx.cmps) + 2 > self.max_ops
+                          or n_cmps + len(tx.cmps) + 3 > self.max_ops
                           or size + tx.size > self.max_bytes
                           or _overlaps(tx, points, prefixes)):
                 break
@@ -297,6 +329,10 @@ class Committer:
                 compares.append(Cmp(keys.op_counter, "mod", op_mod).proto())
                 ops.append(put_op(keys.op_counter, b"%d" % op_id))
             probes = [c.probe() for c in cmps] + [range_op(k) for k in counters]
+            fence = self.fence
+            if fence is not None:  # last, so that the answers above keep their places
+                compares.append(fence.cmp.proto())
+                probes.append(fence.cmp.probe())
             what = f"committing {len(batch)} transaction{'s' * (len(batch) > 1)}"
             resp = await self.conn.txn(compares, ops, probes, what=what)
             if resp.succeeded:
@@ -315,8 +351,15 @@ class Committer:
                         tx.future.set_result(None)
                 return
             answers = [r.response_range for r in resp.responses]
+            if fence is not None and not fence.cmp.holds(answers[-1]):
+                for tx in batch:
+                    _fail(tx, fence.refused())
+                if fence.on_fail is not None:
+                    fence.on_fail()
+                return
             held = {c: c.holds(a) for c, a in zip(cmps, answers, strict=False)}
-            for key, answer in zip(counters, answers[len(cmps):], strict=True):
+            counted = answers[len(cmps):len(cmps) + len(counters)]
+            for key, answer in zip(counters, counted, strict=True):
                 self._learn(key, answer)
             kept = []
             for tx in batch:
