@@ -23,7 +23,6 @@ from shipyard.engine.config import EngineConfig
 from shipyard.engine.dependencies import DependencyWatcher
 from shipyard.engine.deploy import stack_document
 from shipyard.engine.instance import TERMINAL, InstanceSupervisor
-from shipyard.engine.leadership import stored_instances
 from shipyard.engine.local_resources import LocalResources
 from shipyard.engine.metrics import EngineMetrics
 from shipyard.engine.operations import OperationQueue, parse_priority
@@ -306,6 +305,8 @@ class Engine:
     async def instances(self, stack: str | None = None,
                         service: str | None = None) -> list[InstanceRecord]:
         if self.standby:  # HA: what the leader recorded
+            from shipyard.engine.leadership import stored_instances  # etcd: HA only
+
             return await stored_instances(self.store, stack, service)
         if stack is not None and stack not in self.stacks_state:
             raise NotFoundError(f"no stack named {stack}",
