@@ -260,6 +260,7 @@ ROLE_TABLE: dict[tuple[str, str], set[str]] = {
     ("POST", "/v1/tokens"): {"admin"},
     ("DELETE", "/v1/tokens/{token_id}"): {"admin"},
     ("GET", "/v1/audit"): {"admin"},
+    ("GET", "/v1/secrets"): {"admin"},  # even names: only who manages them
     ("GET", "/v1/audit/verify"): {"admin"},
     ("POST", "/v1/plan"): {"operator", "admin"},
     ("POST", "/v1/stacks/{name}/services/{service}/restart"): {"operator", "admin"},

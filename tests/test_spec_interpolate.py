@@ -28,6 +28,7 @@ def one_issue(
 def test_environment_and_dotenv_with_the_environment_winning(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("TAG=from-dotenv\nREGISTRY=localhost\nHOMEISH=${BASE}/x\n")
     (tmp_path / "shipyard.yaml").write_text(
+        "allow_outside_paths: true\n"  # /b/x: outside the stack's folder
         "services:\n  api:\n    image: ${REGISTRY}/app:${TAG}\n    workdir: ${HOMEISH}\n"
     )
     stack = load_stack(tmp_path / "shipyard.yaml", environ={"TAG": "from-env", "BASE": "/b"})

@@ -50,6 +50,8 @@ from shipyard.errors import Issue, NotFoundError, ShipyardError, SpecError
 from shipyard.security.guard import Security
 from shipyard.security.middleware import SecurityMiddleware
 from shipyard.security.permissions import allow, grant_of, require_declared
+from shipyard.security.redact import redact, redact_any
+from shipyard.spec.hardening import outside_paths
 from shipyard.spec.models import Stack
 from shipyard.state.base import InstanceRecord, OpState
 
@@ -91,16 +93,22 @@ Api = Annotated[ApiState, Depends(_api)]
 
 
 def stack_from_document(document: dict[str, Any]) -> Stack:
-    """Rebuild the stack a client sent; a malformed document is a `SpecError`."""
+    """Rebuild the stack a client sent; a malformed document is a `SpecError`, and so
+    is a path outside the stack's folder (the client need not have used the loader)."""
+    source = document.get("source") if isinstance(document, dict) else None
+    file = source if isinstance(source, str) else None
     try:
-        return Stack.model_validate(document)
+        stack = Stack.model_validate(document)
     except ValidationError as exc:
-        source = document.get("source") if isinstance(document, dict) else None
         raise SpecError([
-            Issue(path=".".join(str(p) for p in err["loc"]), message=err["msg"],
-                  file=source if isinstance(source, str) else None)
+            Issue(path=".".join(str(p) for p in err["loc"]), message=err["msg"], file=file)
             for err in exc.errors()
         ]) from None
+    outside = outside_paths(stack)
+    if outside:
+        raise SpecError([Issue(".".join(str(p) for p in path), message, file)
+                         for path, message in outside])
+    return stack
 
 
 def create_app(engine: Engine, security: Security | None = None) -> FastAPI:
@@ -350,7 +358,8 @@ async def _only_stack(engine: Engine) -> str:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ShipyardError)
     async def shipyard_error(request: Request, exc: ShipyardError) -> JSONResponse:
-        return JSONResponse(error_body(exc), status_code=error_status(exc))
+        # every error answer goes through the one redaction function (secrets.md)
+        return JSONResponse(redact_any(error_body(exc)), status_code=error_status(exc))
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -359,11 +368,13 @@ def _install_error_handlers(app: FastAPI) -> None:
             for err in exc.errors())
         body = ErrorBody(error=f"invalid request: {problems}", exit_code=2, kind="InputError")
         details = jsonable_encoder(exc.errors(), custom_encoder={Exception: str})
-        return JSONResponse(body.model_dump() | {"details": details}, status_code=422)
+        return JSONResponse(redact_any(body.model_dump() | {"details": details}),
+                            status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        body = ErrorBody(error=str(exc.detail), exit_code=2 if exc.status_code < 500 else 1,
+        body = ErrorBody(error=redact(str(exc.detail)),
+                         exit_code=2 if exc.status_code < 500 else 1,
                          kind="NotFoundError" if exc.status_code == 404 else "ShipyardError")
         return JSONResponse(body.model_dump(), status_code=exc.status_code)
 
@@ -371,6 +382,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unexpected error on %s %s", request.method, request.url.path,
                   exc_info=exc)
-        body = ErrorBody(error=f"internal error: {type(exc).__name__}: {exc}", exit_code=1,
-                         kind="ShipyardError", hint="see the server log")
+        body = ErrorBody(error=redact(f"internal error: {type(exc).__name__}: {exc}"),
+                         exit_code=1, kind="ShipyardError", hint="see the server log")
         return JSONResponse(body.model_dump(), status_code=500)

@@ -1,8 +1,9 @@
-"""The API's own security routes: who am I, tokens, the audit trail."""
+"""The API's own security routes: who am I, tokens, stored secrets, the audit trail."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from typing import Annotated, Any
 
@@ -10,10 +11,12 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from shipyard.errors import NotFoundError
+from shipyard.errors import InputError, NotFoundError
+from shipyard.security import redact
 from shipyard.security.errors import PermissionDenied, SecurityConfigError
 from shipyard.security.guard import Security
 from shipyard.security.permissions import allow, grant_of, identity_of
+from shipyard.security.secret_store import SecretStore, check_name
 from shipyard.spec.units import parse_duration
 
 _STACK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -44,6 +47,24 @@ def parse_ttl(text: str | None) -> float | None:
 def _security(request: Request) -> Security:
     security: Security = request.app.state.security
     return security
+
+
+def _secret_store(request: Request) -> SecretStore:
+    return SecretStore(request.app.state.api.engine.config.home)
+
+
+def _secret_value(body: bytes) -> str:
+    """The `value` of a `{"value": "..."}` body; errors never quote the body."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise InputError("the body must be a JSON object {\"value\": \"...\"}") from None
+    value = document.get("value") if isinstance(document, dict) else None
+    if not isinstance(value, str):
+        raise InputError("the body must be a JSON object with a string \"value\"")
+    if set(document) != {"value"}:
+        raise InputError("the body takes only \"value\"")
+    return value
 
 
 def security_router() -> APIRouter:
@@ -92,6 +113,37 @@ def security_router() -> APIRouter:
             raise NotFoundError(f"no token {token_id}", hint="see `shipyard token ls`")
         request.state.audit_detail = f"revoked token {token_id}"
         return record.view()
+
+    @router.get("/secrets", dependencies=[allow("secrets", "read")])
+    async def list_secrets(request: Request) -> list[dict[str, Any]]:
+        """The stored secrets' names and times; a value is never answered."""
+        found = await asyncio.to_thread(_secret_store(request).list)
+        return [s.view() for s in found]
+
+    @router.put("/secrets/{secret}", dependencies=[allow("secrets", "create")],
+                responses={201: {"description": "created"}, 200: {"description": "replaced"}},
+                openapi_extra={"requestBody": {"required": True, "content": {
+                    "application/json": {"schema": {
+                        "type": "object", "required": ["value"],
+                        "properties": {"value": {"type": "string", "writeOnly": True}}}}}}})
+    async def set_secret(secret: str, request: Request) -> JSONResponse:
+        """Store a secret's value (encrypted at rest). The body is read here, not by a
+        model: a malformed body is refused without being quoted back."""
+        check_name(secret)
+        value = _secret_value(await request.body())
+        created = await asyncio.to_thread(_secret_store(request).set, secret, value)
+        redact.register(secret, value)  # known to this process from now on: redacted
+        request.state.audit_detail = f"{'created' if created else 'replaced'} secret {secret}"
+        return JSONResponse({"name": secret, "created": created},
+                            status_code=201 if created else 200)
+
+    @router.delete("/secrets/{secret}", dependencies=[allow("secrets", "delete")])
+    async def delete_secret(secret: str, request: Request) -> dict[str, Any]:
+        """Forget a stored secret (instances that run with it keep their copy)."""
+        if not await asyncio.to_thread(_secret_store(request).delete, secret):
+            raise NotFoundError(f"no stored secret {secret}", hint="see `shipyard secret ls`")
+        request.state.audit_detail = f"deleted secret {secret}"
+        return {"name": secret, "deleted": True}
 
     @router.get("/audit", dependencies=[allow("audit", "read")])
     async def audit(request: Request, after: Annotated[int, Query(ge=0)] = 0,

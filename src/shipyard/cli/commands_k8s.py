@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from shipyard.cli.commands_spec import FILE_OPTION, OUTPUT_OPTION
-from shipyard.cli.context import load_stack_file
+from shipyard.cli.context import Context, load_stack_file
 from shipyard.errors import InputError
 
 
@@ -73,6 +73,21 @@ def _pass_render(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _with_secrets(stack: Any, options: Any) -> Any:
+    """The render options with the values of the secrets the stack's services use, read
+    here (environment, files, the home's store): they become Secret objects only."""
+    from dataclasses import replace
+
+    from shipyard.security.secret_values import resolve
+
+    names = {use.name for svc in stack.services.values()
+             for use in getattr(svc, "secrets", None) or []}
+    if not names:
+        return options
+    home = Context.of(click.get_current_context()).home
+    return replace(options, secrets={name: resolve(stack, name, home) for name in sorted(names)})
+
+
 def _need(module: str) -> None:
     """The Kubernetes target's packages are an extra: say how to get them, in one line."""
     import importlib.util
@@ -119,7 +134,7 @@ def render_cmd(file: str | None, options: Any, out: str, check: bool,
     from shipyard.k8s.render import render_stack
 
     stack = load_stack_file(file)
-    manifests = render_stack(stack, options)
+    manifests = render_stack(stack, _with_secrets(stack, options))
     if check:
         from shipyard.k8s.validate import DEFAULT_VERSIONS
         from shipyard.k8s.validate import check as validate
@@ -163,7 +178,7 @@ def apply_cmd(file: str | None, options: Any, kubeconfig: str | None,
 
     stack = load_stack_file(file)
     cluster = _connect(kubeconfig, kube_context, options.namespace)
-    options = replace(options, namespace=cluster.namespace)
+    options = replace(_with_secrets(stack, options), namespace=cluster.namespace)
     deployer = Deployer(cluster, stack, ApplyOptions(
         dry_run=dry_run == "server", prune=prune, wait=not no_wait, report=_say))
     planned = plan(cluster, stack, options)
@@ -189,7 +204,7 @@ def diff_cmd(file: str | None, options: Any, kubeconfig: str | None,
 
     stack = load_stack_file(file)
     cluster = _connect(kubeconfig, kube_context, options.namespace)
-    options = replace(options, namespace=cluster.namespace)
+    options = replace(_with_secrets(stack, options), namespace=cluster.namespace)
     lines = diff(cluster, stack, plan(cluster, stack, options))
     for line in lines:
         click.echo(line)

@@ -20,6 +20,7 @@ from shipyard.cli.commands_k8s import k8s
 from shipyard.cli.commands_ops import history, ops, recover, restart, rollback
 from shipyard.cli.commands_read import events, logs, ps
 from shipyard.cli.commands_scale import abort, autoscale, promote, scale, top
+from shipyard.cli.commands_secrets import secret
 from shipyard.cli.commands_security import audit, tls, token, whoami
 from shipyard.cli.commands_spec import plan, schema, validate, version
 from shipyard.cli.commands_state import state
@@ -72,7 +73,7 @@ for command in (up, down, ps, logs, events, plan, validate, schema, server, vers
 cli.add_command(state)
 for command in (scale, autoscale, top, promote, abort):
     cli.add_command(command)
-for command in (token, tls, audit, whoami):
+for command in (token, tls, audit, whoami, secret):
     cli.add_command(command)
 cli.add_command(k8s)
 

@@ -40,6 +40,7 @@ from shipyard.runtime.base import Handle, Runtime
 from shipyard.runtime.dispatch import DispatchRuntime
 from shipyard.runtime.logs import rotate_if_needed
 from shipyard.runtime.process import ProcessRuntime
+from shipyard.security.redact import redact_event
 from shipyard.spec.models import Stack
 from shipyard.state.base import (
     Event,
@@ -329,7 +330,8 @@ class Engine:
 
     # -- helpers used by supervisors and deployers ----------------------------------------
     async def record_event(self, event: Event) -> Event:
-        return await self.store.append_event(event)
+        # no secret value reaches the event log, whichever layer wrote the message
+        return await self.store.append_event(redact_event(event))
 
     def notify(self) -> None:
         """Wake whoever waits for a change of any instance (deployers), and bring the

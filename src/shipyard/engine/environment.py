@@ -3,6 +3,11 @@
 Every instance gets `PORT`, `PORT_<NAME>`, `SHIPYARD_STACK`, `SHIPYARD_SERVICE`,
 `SHIPYARD_INSTANCE`, and for each dependency `<DEP>_HOST`, `<DEP>_PORT`, `<DEP>_URL`.
 `${VAR}` left in the command and env by the loader are expanded here, per instance.
+
+Secrets (`secrets:` of a service) are added by the supervisor after this, so that they are
+never expanded into a command line or another variable; what an instance inherits from the
+control plane's environment leaves out the variables secrets come from, and any variable
+whose value is a known secret.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from shipyard.errors import RuntimeLaunchError
+from shipyard.security import redact
+from shipyard.security.secret_values import env_sources
 from shipyard.spec.interpolate import expand
 from shipyard.spec.models import Service, Stack
 
@@ -52,7 +59,7 @@ def instance_environment(
         injected[f"PORT_{env_name(name)}"] = str(port)
     for dep, port in dependency_ports.items():
         injected.update(dependency_vars(dep, port))
-    env = dict(os.environ if base is None else base)
+    env = _inherited(os.environ if base is None else base, env_sources(stack))
     env.update(injected)
     for key, value in service.env.items():
         try:
@@ -60,6 +67,13 @@ def instance_environment(
         except ValueError as exc:
             raise RuntimeLaunchError(f"service {service_name}: env {key}: {exc}") from exc
     return env
+
+
+def _inherited(base: Mapping[str, str], hidden: set[str]) -> dict[str, str]:
+    """The control plane's environment minus the sources of secrets and known values."""
+    if not hidden and not redact.known():
+        return dict(base)
+    return {k: v for k, v in base.items() if k not in hidden and not redact.is_value(v)}
 
 
 def instance_argv(service_name: str, service: Service, env: Mapping[str, str]) -> list[str]:

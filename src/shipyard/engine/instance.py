@@ -23,6 +23,8 @@ from shipyard.reliability.breaker import BreakerConfig, CircuitBreaker, CircuitO
 from shipyard.reliability.retry import Backoff, RetryExhaustedError, RetryPolicy, retry_async
 from shipyard.runtime.base import Handle, LaunchSpec
 from shipyard.runtime.container_spec import ContainerSpec, container_spec
+from shipyard.security.redact import redact
+from shipyard.security.secret_values import InstanceSecrets
 from shipyard.spec.interpolate import expand
 from shipyard.spec.models import Probe, RestartMode, Service, Stack
 from shipyard.spec.units import format_duration
@@ -64,6 +66,9 @@ class InstanceSupervisor:
         # max_restarts count (the record's `restarts` is the lifetime total shown in ps).
         self._streak = 0
         self.ever_started = record.pid is not None
+        # secrets: resolved and delivered at each launch, removed when the instance ends
+        self.secrets = InstanceSecrets(engine.config.home, stack, record.service,
+                                       record.instance)
 
     # -- public -------------------------------------------------------------------------
     @property
@@ -252,9 +257,14 @@ class InstanceSupervisor:
             env = self._environment()
             assigned = eng.local.assign(self.stack, svc, rec.instance)  # CPU set, GPUs
             env = {**env, **assigned.env}
+            argv = instance_argv(rec.service, svc, env) if svc.command else []
+            # -- secrets: added after expansion, so never part of an argv -----------------
+            if self.secrets.uses:
+                env = {**env, **await asyncio.to_thread(self.secrets.deliver)}
+            # -- end secrets ----------------------------------------------------------------
             spec = LaunchSpec(
                 stack=rec.stack, service=rec.service, instance=rec.instance,
-                argv=instance_argv(rec.service, svc, env) if svc.command else [], env=env,
+                argv=argv, env=env,
                 workdir=instance_workdir(self.stack, svc),
                 log_path=str(eng.config.log_path(rec.stack, rec.instance)),
                 log_max_bytes=eng.config.log_max_bytes, log_backups=eng.config.log_backups,
@@ -263,6 +273,7 @@ class InstanceSupervisor:
                 swap_limit=svc.resources.swap, cpuset=assigned.cpuset, mems=assigned.mems,
                 container=_with_gpus(container_spec(self.stack, rec.service), assigned.gpus)
                 if svc.image else None,
+                user=getattr(svc, "user", None),
             )
             handle = await retry_async(
                 LAUNCH_RETRY, eng.runtime.start, spec, retry_on=TransientLaunchError,
@@ -283,13 +294,18 @@ class InstanceSupervisor:
         log.warning("%s: start attempt %d failed (%s); retrying in %.2fs", self.name, attempt,
                     error, wait)
         self.engine.emit_soon(Event("instance.launch-retry",
-                                    f"start attempt {attempt} failed: {error}; retrying in "
-                                    f"{wait:.2f}s", stack=self.record.stack,
+                                    redact(f"start attempt {attempt} failed: {error}; "
+                                           f"retrying in {wait:.2f}s"), stack=self.record.stack,
                                     service=self.record.service, instance=self.name))
 
     async def _supervise(self, handle: Handle) -> tuple[int | None, str | None]:
         """Probe the instance until it exits; its exit code and a reason if we know one."""
         self._liveness_failed = False
+        if self.secrets.uses and not self.secrets.variables:  # re-adopted: for exec probes
+            try:
+                await asyncio.to_thread(self.secrets.recall)
+            except RuntimeLaunchError as exc:
+                log.warning("%s: exec probes run without its secrets: %s", self.name, exc)
         readiness, liveness = self.service.health.readiness, self.service.health.liveness
         monitors: list[ProbeMonitor] = []
         stable: asyncio.Task[None] | None = None
@@ -329,6 +345,7 @@ class InstanceSupervisor:
         env = self._environment()
         if probe.exec is not None:  # ${PORT} and friends, as in the command
             probe = probe.model_copy(update={"exec": [expand(a, env) for a in probe.exec]})
+        env = {**env, **self.secrets.variables}  # an exec probe sees what the instance sees
         latency = metrics.probe_latency.labels(rec.stack, rec.service, which, probe.kind)
         failures = metrics.probe_failures.labels(rec.stack, rec.service, which)
 
@@ -404,6 +421,7 @@ class InstanceSupervisor:
     async def _set(self, state: InstanceState, message: str, event: str | None,
                    **fields: object) -> None:
         rec = self.record
+        message = redact(message)  # a secret's value never reaches the store or events
         rec.state = state
         rec.message = message
         for key, value in fields.items():
@@ -417,10 +435,13 @@ class InstanceSupervisor:
                     instance=rec.instance,
                     data={"state": state.value, "pid": rec.pid, "exit_code": rec.exit_code},
                 ))
+        if state in TERMINAL and self.secrets.uses:  # its secret files go with it
+            await asyncio.to_thread(self.secrets.remove)
         self.engine.notify()
 
     async def _emit(self, kind: str, message: str) -> None:
         rec = self.record
-        await self.engine.record_event(Event(kind=kind, message=message, stack=rec.stack,
-                                             service=rec.service, instance=rec.instance))
+        await self.engine.record_event(Event(kind=kind, message=redact(message),
+                                             stack=rec.stack, service=rec.service,
+                                             instance=rec.instance))
         self.engine.notify()

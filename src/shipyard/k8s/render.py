@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pydantic import SecretStr
+
 from shipyard.errors import PlanError
 from shipyard.k8s import objects as o
 from shipyard.k8s.hpa import autoscaler
@@ -34,7 +36,9 @@ class RenderOptions:
     with only a `command` (run in that image). `secret_env`: env names rendered into a
     Secret instead of the ConfigMap, `NAME` for any service or `service.NAME` for one.
     `colors`: blue-green — the colour that gets the Deployment (default blue);
-    `selectors`: the colour the Service selects (default: the one deployed)."""
+    `selectors`: the colour the Service selects (default: the one deployed).
+    `secrets`: the values of the stack's `secrets:` (by name), resolved by the caller:
+    what a service's `secrets:` uses goes into its Secret, never into a ConfigMap."""
 
     namespace: str | None = None
     images: Mapping[str, str] = field(default_factory=dict)
@@ -46,6 +50,7 @@ class RenderOptions:
     data_path: str = "/data"
     colors: Mapping[str, Color] = field(default_factory=dict)
     selectors: Mapping[str, Color] = field(default_factory=dict)
+    secrets: Mapping[str, SecretStr] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -202,6 +207,8 @@ def _render_service(stack: Stack, service: str, options: RenderOptions,
             direct.append({"name": key, "value": value})
         else:
             plain[key] = value
+    files: dict[str, str] = {}
+    mounts = _secret_uses(service, svc, options, secret, files, injected)
     overridden = {item["name"] for item in direct}
     env = [item for item in injected if item["name"] not in overridden]
     known = {item["name"] for item in env} | set(plain) | set(secret)
@@ -248,19 +255,29 @@ def _render_service(stack: Stack, service: str, options: RenderOptions,
                                              port_names)
     pod: dict[str, Any] = {"containers": [container],
                            "terminationGracePeriodSeconds": o.seconds(svc.stop.timeout)}
+    if files:  # file secrets: a Secret of their own, each key mounted at its path
+        out.append({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                    "metadata": _meta(stack, service, f"{name}-secret-files", options),
+                    "data": {k: base64.b64encode(v.encode()).decode()
+                             for k, v in files.items()}})
+        container["volumeMounts"] = mounts
+        pod["volumes"] = [{"name": "shipyard-secrets",
+                           "secret": {"secretName": f"{name}-secret-files",
+                                      "defaultMode": 0o400}}]
     if svc.resources.disk > 0:
         out.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
                     "metadata": _meta(stack, service, f"{name}-data", options),
                     "spec": {"accessModes": ["ReadWriteOnce"],
                              "resources": {"requests": {
                                  "storage": o.size_quantity(svc.resources.disk)}}}})
-        container["volumeMounts"] = [{"name": "data", "mountPath": options.data_path}]
-        pod["volumes"] = [{"name": "data",
-                           "persistentVolumeClaim": {"claimName": f"{name}-data"}}]
+        container.setdefault("volumeMounts", []).append(
+            {"name": "data", "mountPath": options.data_path})
+        pod.setdefault("volumes", []).append(
+            {"name": "data", "persistentVolumeClaim": {"claimName": f"{name}-data"}})
     if init := _wait_containers(svc, endpoints, options):
         pod["initContainers"] = init
 
-    config_hash = o.content_hash([plain, secret])
+    config_hash = o.content_hash([plain, secret, *([files] if files else [])])
     if is_job:
         workload = _job(stack, service, name, svc, pod, config_hash, options)
         return ServiceManifests(service, name, svc.update.strategy, workload, [*out, workload],
@@ -275,6 +292,27 @@ def _render_service(stack: Stack, service: str, options: RenderOptions,
                               workload["metadata"]["name"]))
     return ServiceManifests(service, name, svc.update.strategy, workload, out,
                             workload["metadata"]["annotations"][o.ANNOTATION_HASH])
+
+
+def _secret_uses(service: str, svc: Service, options: RenderOptions, secret: dict[str, str],
+                 files: dict[str, str], injected: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A service's `secrets:`: env uses become keys of its env Secret (`secret`); file
+    uses keys of its file Secret (`files`), each mounted read-only at its path, with the
+    path in its variable (added to `injected`). Returns the volumeMounts."""
+    mounts: list[dict[str, Any]] = []
+    for use in getattr(svc, "secrets", None) or []:
+        value = options.secrets.get(use.name)
+        if value is None:
+            raise RenderError(f"service {service}: secret {use.name} has no value to render "
+                              "(its source cannot be read here)")
+        if use.env is not None:
+            secret[use.env] = value.get_secret_value()
+            continue
+        files[use.name] = value.get_secret_value()
+        mounts.append({"name": "shipyard-secrets", "mountPath": use.file,
+                       "subPath": use.name, "readOnly": True})
+        injected.append({"name": use.path_variable, "value": use.file})
+    return mounts
 
 
 def _wait_containers(svc: Service, endpoints: Mapping[str, _Endpoint],

@@ -33,6 +33,7 @@ class LaunchSpec:
     cpuset: str | None = None  # CPUs to run on, "0-3,6"; None = not pinned
     mems: str | None = None  # NUMA memory nodes to allocate from, "0"; None = inherited
     container: ContainerSpec | None = None  # set for a service with an image
+    user: str | None = None  # run as: name, uid, name:group or uid:gid (runtime/users)
 
 
 @dataclass

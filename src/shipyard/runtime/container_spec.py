@@ -62,6 +62,7 @@ def container_spec(stack: Stack, service_name: str) -> ContainerSpec | None:
     build = _opt(service, "build")
     mounts = [_mount(m, base) for m in _opt(service, "volumes") or []]
     keys = set(service.env)
+    keys.update(use.variable for use in service.secrets)  # env secrets, by name
     for dep in service.depends_on:
         prefix = dep.upper().replace("-", "_")
         keys.update(f"{prefix}_{suffix}" for suffix in ("HOST", "PORT", "URL"))

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from shipyard.errors import InputError, RuntimeLaunchError
 from shipyard.runtime import procscan
 from shipyard.runtime.base import LaunchSpec
+from shipyard.runtime.users import check_switch, drop_privileges, resolve_user, user_environment
 
 MARKER_KEYS = ("SHIPYARD_STACK", "SHIPYARD_SERVICE", "SHIPYARD_INSTANCE")
 
@@ -38,10 +39,19 @@ def launch(spec: LaunchSpec, executable: str, fd: int,
            preexec: Callable[[], None] | None = None) -> subprocess.Popen[bytes]:
     """Start the child in a session of its own, stdin from /dev/null, stdout and stderr
     to `fd`. Without a preexec_fn, CPython starts it by vfork + exec: fast, whatever the
-    size of the control plane, and no Python code runs in the child."""
+    size of the control plane, and no Python code runs in the child. With `spec.user`
+    (another user than ours) the child becomes that user after `preexec` (which still
+    runs as root: joining a cgroup), just before its exec; see runtime/users."""
+    env = spec.env
+    if spec.user is not None:
+        run_as = resolve_user(spec.user, spec.service)
+        check_switch(run_as, spec.service)
+        if not run_as.is_self:
+            preexec = drop_privileges(run_as, preexec)
+            env = user_environment(env, run_as)
     return subprocess.Popen(
         spec.argv, executable=executable, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
-        cwd=spec.workdir, env=spec.env, start_new_session=True, close_fds=True,
+        cwd=spec.workdir, env=env, start_new_session=True, close_fds=True,
         preexec_fn=preexec,
     )
 

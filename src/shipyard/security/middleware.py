@@ -190,7 +190,7 @@ def _target(params: dict[str, Any], grant: Grant | None) -> str | None:
     parts = [f"stack:{stack}"] if stack else []
     if params.get("service"):
         parts.append(f"service:{params['service']}")
-    for key in ("token_id", "op_id"):
+    for key in ("token_id", "op_id", "secret"):
         if params.get(key) is not None:
             parts.append(f"{key.removesuffix('_id')}:{params[key]}")
     return " ".join(parts) or None

@@ -43,6 +43,7 @@ from shipyard.spec.compose_keys import (
     COMPOSE_ONLY_TOP,
     DROP_REASONS,
     SERVICE_KEYS,
+    STACK_SECRET_SOURCES,
     TOP_KEYS,
 )
 from shipyard.spec.compose_service import ComposeNote, Conversion, ServiceConverter, service_name
@@ -88,6 +89,10 @@ def looks_like_compose(data: Any, filename: str | None = None) -> bool:
     if any(k not in TOP_KEYS for k in top):
         return False
     evidence = any(k in COMPOSE_ONLY_TOP or str(k).startswith("x-") for k in data)
+    secrets = data.get("secrets")
+    if isinstance(secrets, dict):  # compose: {file:}, {environment:}, {external:}...
+        evidence = evidence or any(not isinstance(v, dict) or set(v) - STACK_SECRET_SOURCES
+                                   for v in secrets.values())
     for service in data["services"].values():
         if not isinstance(service, dict):
             return False

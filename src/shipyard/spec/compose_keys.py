@@ -10,7 +10,9 @@ COMPOSE_FILE_RE = re.compile(r"(docker-)?compose(\.[A-Za-z0-9_-]+)?\.ya?ml")
 
 TOP_KEYS = {"version", "name", "services", "networks", "volumes", "secrets", "configs",
             "include"}
-COMPOSE_ONLY_TOP = TOP_KEYS - {"name", "services"}
+# `secrets` is a stack-file key too: only compose's own secret sources are evidence
+COMPOSE_ONLY_TOP = TOP_KEYS - {"name", "services", "secrets"}
+STACK_SECRET_SOURCES = {"env", "file", "stored"}
 
 SERVICE_KEYS = {
     "annotations", "attach", "blkio_config", "build", "cap_add", "cap_drop", "cgroup",

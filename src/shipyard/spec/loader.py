@@ -20,6 +20,13 @@ from pydantic import ValidationError
 from shipyard.errors import Issue, SpecError
 from shipyard.spec.checks import cross_check
 from shipyard.spec.compose import import_document, looks_like_compose
+from shipyard.spec.hardening import (
+    ALLOW_FIELD,
+    env_file_outside,
+    outside_paths,
+    secret_checks,
+    truthy,
+)
 from shipyard.spec.interpolate import InterpolationError, resolve_now
 from shipyard.spec.issues import data_path, did_you_mean, field_names, show, translate
 from shipyard.spec.models import Service, Stack
@@ -115,6 +122,7 @@ def _load(
 
     env = os.environ if environ is None else environ
     variables = ChainMap(dict(env), _dotenv(base / ".env", env))
+    before = data  # as written: `${SECRET}` references are checked there
     data, file_envs = _interpolate(data, variables, base, out)
     for key in _LOADER_FIELDS:
         if key in data:
@@ -134,6 +142,17 @@ def _load(
         services = stack.services if stack else _valid_services(raw_services)
         for path, message in cross_check(services, raw_services):
             out.add(path, message, bad=False)
+        raw_before = before.get("services")
+        secrets = data.get("secrets") if isinstance(data.get("secrets"), dict) else {}
+        for path, message in secret_checks(
+                secrets, services, raw_services, raw_before if isinstance(raw_before, dict)
+                else {}):
+            out.add(path, message, bad=False)
+    if stack is not None:
+        for path, message in outside_paths(stack, env_files=False):
+            dotted = ".".join(str(p) for p in path)
+            if not out.covered(Issue(dotted, message)):  # e.g. a failed ${...} in it
+                out.add(path, message, bad=False)
     if out.issues or stack is None:
         raise SpecError(_ordered(out.issues) or [Issue("", "invalid stack", file)])
     return _with_env_files(stack, file_envs)
@@ -256,6 +275,10 @@ class _ServiceScope:
         for dep in dep_names:
             self.instance.update(f"{env_name(dep)}_{s}" for s in ("HOST", "PORT", "URL"))
         self.keep: set[str] = self.instance | set(own)
+        uses = raw.get("secrets")  # their variables: refused in ${...} by hardening.py
+        if isinstance(uses, list):
+            self.keep.update(u["env"] for u in uses
+                             if isinstance(u, dict) and isinstance(u.get("env"), str))
         self.all_services = all_services
 
     def hint(self, name: str, deferred: bool) -> str | None:
@@ -329,7 +352,8 @@ def _interpolate(
                 continue
             scope = _ServiceScope(name, raw, [str(n) for n in value])
             new = {k: walk(v, (*path, k), None) for k, v in raw.items() if k == "env_file"}
-            files = _read_env_files(new.get("env_file"), base, path, out)
+            files = _read_env_files(new.get("env_file"), base, path, out,
+                                    truthy(data.get(ALLOW_FIELD)))
             scope.keep.update(k for values in files.values() for k in values)
             new.update({k: walk(v, (*path, k), scope) for k, v in raw.items() if k != "env_file"})
             merged: dict[str, str] = {}
@@ -345,9 +369,10 @@ def _interpolate(
 
 
 def _read_env_files(
-    entries: Any, base: FsPath, path: Path, out: _Collector
+    entries: Any, base: FsPath, path: Path, out: _Collector, allow_outside: bool = False
 ) -> dict[Path, dict[str, str]]:
-    """Each readable env file's values, keyed by where it is named in the document."""
+    """Each readable env file's values, keyed by where it is named in the document; a
+    file outside the stack's folder is refused before it is read, unless allowed."""
     if isinstance(entries, str):
         named: list[tuple[Path, str]] = [((*path, "env_file"), entries)]
     elif isinstance(entries, list):
@@ -356,6 +381,10 @@ def _read_env_files(
         return {}
     files: dict[Path, dict[str, str]] = {}
     for where, entry in named:
+        refused = env_file_outside(base, entry, allow_outside)
+        if refused:
+            out.add(where, refused)
+            continue
         target = base / FsPath(entry).expanduser()
         if not target.is_file():
             out.add(where, f"env file {entry} not found (looked for {target})")

@@ -25,6 +25,7 @@ from shipyard.spec.autoscale import AutoscalePolicy
 from shipyard.spec.base import NAME_RE, Cpu, Duration, Model, Size
 from shipyard.spec.container import Build, Entrypoint, Mount, PullPolicy
 from shipyard.spec.placement import PlacementPolicy
+from shipyard.spec.secrets import SecretSource, SecretUse, User
 from shipyard.spec.update import UpdatePolicy
 
 __all__ = ["NAME_RE", "AutoscalePolicy", "Cpu", "Duration", "Model", "PlacementPolicy", "Size",
@@ -279,6 +280,10 @@ class Service(Model):
     update: UpdatePolicy = Field(default_factory=UpdatePolicy)
     autoscale: AutoscalePolicy | None = None
     placement: PlacementPolicy = Field(default_factory=PlacementPolicy)  # across nodes
+    # run as this user: name, uid, name:group or uid:gid (a root control plane only)
+    user: User | None = None
+    # secrets of the stack this service receives, as a variable or a file
+    secrets: list[SecretUse] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
@@ -418,6 +423,12 @@ class Stack(Model):
     ports: PortsConfig = Field(default_factory=PortsConfig)
     capacity: Capacity = Field(default_factory=Capacity)
     services: dict[str, Service]
+    # name -> where its value comes from ({env: VAR}, {file: ./path}, {stored: NAME});
+    # only these references are stored, never a value
+    secrets: dict[str, SecretSource] = Field(default_factory=dict)
+    # workdir, env_file, bind-mount sources, build contexts and secret files may lie
+    # outside the stack file's folder only when this is true
+    allow_outside_paths: bool = False
     # Where the file was read from; relative workdir/env_file resolve against base_dir.
     source: str | None = Field(None, exclude=True)
     base_dir: str = Field(".", exclude=True)
