@@ -61,7 +61,7 @@ class Autoscaler:
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(self.tick)
+            await self._until_due()
             try:
                 await self.pass_once()
             except asyncio.CancelledError:
@@ -71,6 +71,19 @@ class Autoscaler:
 
     async def close(self) -> None:
         await self.sampler.close()
+
+    async def _until_due(self) -> None:
+        """Sleep until the next service is due for a sample (at least `tick`); with no
+        autoscaled service at all, until the stacks change (an idle control plane should
+        not wake twice a second for nothing)."""
+        now = time.monotonic()
+        due = [self.last_run.get((state.stack.name, name), -1e9) + svc.autoscale.interval
+               for state in list(self.engine.stacks_state.values())
+               for name, svc in state.stack.services.items() if svc.autoscale is not None]
+        if not due:
+            await self.engine.changed(30.0)
+            return
+        await asyncio.sleep(max(self.tick, min(due) - now))
 
     # -- one pass ------------------------------------------------------------------------
     async def pass_once(self, *, force: bool = False) -> None:
