@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,17 @@ def pids_alive(pids: list[int]) -> list[int]:
 
 
 os.environ.setdefault("SHIPYARD_TEST", "1")
+
+
+@pytest.fixture(scope="session")
+def api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One podman API service (`podman system service`) for the session's container
+    tests (test_container_*.py skip themselves when podman cannot run)."""
+    from shipyard.runtime.podman import PodmanService
+
+    service = PodmanService(tmp_path_factory.mktemp("podman"))
+    url = service.ensure()
+    try:
+        yield url
+    finally:
+        service.stop()

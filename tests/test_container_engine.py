@@ -7,13 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from shipyard import Engine, EngineConfig
-from shipyard.runtime.podman import PodmanService
 from shipyard.spec.models import Stack
 from tests.conftest import port_range
 from tests.podman_env import busybox_image, podman, why_podman_cannot_run
@@ -27,19 +25,9 @@ HTTPD = ("mkdir -p /www && echo \"hello from $SHIPYARD_INSTANCE\" > /www/index.h
          "trap 'exit 0' TERM; httpd -f -p 127.0.0.1:$PORT -h /www & wait")
 
 
-@pytest.fixture(scope="module")
-def container_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    service = PodmanService(tmp_path_factory.mktemp("podman-engine"))
-    url = service.ensure()
-    try:
-        yield url
-    finally:
-        service.stop()
-
-
 async def test_mixed_stack_of_a_container_and_a_process(
-        tmp_path: Path, container_host: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SHIPYARD_CONTAINER_HOST", container_host)
+        tmp_path: Path, api_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHIPYARD_CONTAINER_HOST", api_url)
     expose = free_port()
     stack = Stack.model_validate({
         "name": "mix", "ports": {"range": port_range()}, "deploy": {"timeout": "60s"},
@@ -68,5 +56,5 @@ async def test_mixed_stack_of_a_container_and_a_process(
         assert seen == {"hello from web-1", "hello from web-2"}
         await engine.down("mix")
     left = podman("ps", "-a", "--filter", "label=shipyard.stack=mix", "--format", "{{.ID}}",
-                  "--url", container_host)
+                  "--url", api_url)
     assert left.stdout.strip() == ""

@@ -12,7 +12,7 @@ import socket
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from shipyard.runtime.base import LaunchSpec
 from shipyard.runtime.container import LABEL_HOME, OOM_KILLED, ContainerRuntime
 from shipyard.runtime.container_exec import exec_probe
 from shipyard.runtime.container_spec import BuildSpec, ContainerSpec, MountSpec
-from shipyard.runtime.podman import PodmanService, socket_answers
+from shipyard.runtime.podman import socket_answers
 from shipyard.spec.models import Probe
 from tests.podman_env import busybox_image, podman, remove_labelled, why_podman_cannot_run
 
@@ -35,17 +35,6 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=f"podman cannot run: 
 @pytest.fixture(scope="session")
 def image() -> str:
     return busybox_image()
-
-
-@pytest.fixture(scope="session")
-def api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One podman API service for the session's runtimes."""
-    service = PodmanService(tmp_path_factory.mktemp("podman"))
-    url = service.ensure()
-    try:
-        yield url
-    finally:
-        service.stop()
 
 
 @pytest.fixture

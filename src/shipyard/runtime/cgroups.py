@@ -20,7 +20,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from shipyard.runtime.limits import apply_cpuset, apply_swap, inherit_v1, is_v1_cpuset
+from shipyard.runtime.limits import (
+    apply_cpuset,
+    apply_swap,
+    inherit_v1,
+    is_v1_cpuset,
+    write_control,
+)
 
 CgroupMode = Literal["auto", "v1", "v2", "off"]
 
@@ -117,12 +123,6 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def _write(path: str, value: str) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.write(fd, value.encode())
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -211,7 +211,7 @@ def _enable_v2_controllers(path: str) -> set[str]:
     for ctl in V2_CONTROLLERS:
         if ctl in available and ctl not in enabled:
             try:
-                _write(os.path.join(path, "cgroup.subtree_control"), f"+{ctl}")
+                write_control(os.path.join(path, "cgroup.subtree_control"), f"+{ctl}")
                 enabled.add(ctl)
             except OSError:
                 pass
@@ -234,7 +234,7 @@ def _enable_v2_own(path: str, *, move_self: bool) -> None:
             return
         leaf = os.path.join(path, "shipyard-control")
         os.makedirs(leaf, exist_ok=True)
-        _write(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
+        write_control(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
     except OSError:
         return
     _enable_v2_controllers(path)
@@ -406,15 +406,15 @@ class InstanceCgroup:
         if cpu_limit > 0:
             quota = max(1000, int(cpu_limit * CPU_PERIOD_US))
             if f := self._find("cpu.max"):
-                _write(f, f"{quota} {CPU_PERIOD_US}")
+                write_control(f, f"{quota} {CPU_PERIOD_US}")
             elif f := self._find("cpu.cfs_quota_us"):
-                _write(os.path.join(os.path.dirname(f), "cpu.cfs_period_us"),
+                write_control(os.path.join(os.path.dirname(f), "cpu.cfs_period_us"),
                        str(CPU_PERIOD_US))
-                _write(f, str(quota))
+                write_control(f, str(quota))
                 self.cpu_quota = (f, str(quota))
         if memory_limit > 0:
             if (f := self._find("memory.max")) or (f := self._find("memory.limit_in_bytes")):
-                _write(f, str(memory_limit))
+                write_control(f, str(memory_limit))
             apply_swap(self._find, memory_limit, swap_limit)
 
     def pids(self) -> set[int]:
@@ -443,14 +443,14 @@ class InstanceCgroup:
 
     def _set_frozen(self, frozen: bool, wait: float = 0.1) -> bool:
         if f := self._find("freezer.state"):
-            _write(f, "FROZEN" if frozen else "THAWED")
+            write_control(f, "FROZEN" if frozen else "THAWED")
             want = "FROZEN" if frozen else "THAWED"
             deadline = time.monotonic() + (wait if frozen else 0.0)
             while _read(f).strip() != want and time.monotonic() < deadline:
                 time.sleep(0.002)
             return True
         if f := self._find("cgroup.freeze"):
-            _write(f, "1" if frozen else "0")
+            write_control(f, "1" if frozen else "0")
             events = os.path.join(os.path.dirname(f), "cgroup.events")
             deadline = time.monotonic() + (wait if frozen else 0.0)
             while (f"frozen {int(frozen)}" not in _read(events)
@@ -464,7 +464,7 @@ class InstanceCgroup:
         (v2), else freeze, kill everything, thaw."""
         if f := self._find("cgroup.kill"):
             try:
-                _write(f, "1")
+                write_control(f, "1")
                 return
             except OSError:
                 pass

@@ -38,7 +38,8 @@ def _read(path: str) -> str:
         return f.read().strip()
 
 
-def _write(path: str, value: str) -> None:
+def write_control(path: str, value: str) -> None:
+    """Write a cgroup control file in one write(2), as the kernel expects."""
     fd = os.open(path, os.O_WRONLY)
     try:
         os.write(fd, value.encode())
@@ -64,7 +65,7 @@ def inherit_v1(path: str) -> None:
     parent = os.path.dirname(path)
     for name in ("cpuset.cpus", "cpuset.mems"):
         if not _read(os.path.join(path, name)):
-            _write(os.path.join(path, name), _read(os.path.join(parent, name)))
+            write_control(os.path.join(path, name), _read(os.path.join(parent, name)))
 
 
 def apply_cpuset(paths: list[str], version: int, cpuset: str | None,
@@ -79,9 +80,9 @@ def apply_cpuset(paths: list[str], version: int, cpuset: str | None,
                 parent = os.path.dirname(path)  # the stack's, under shipyard/
                 inherit_v1(os.path.dirname(parent))
                 inherit_v1(parent)
-                _write(os.path.join(path, "cpuset.cpus"),
+                write_control(os.path.join(path, "cpuset.cpus"),
                        cpuset or _read(os.path.join(parent, "cpuset.cpus")))
-                _write(os.path.join(path, "cpuset.mems"),
+                write_control(os.path.join(path, "cpuset.mems"),
                        mems or _read(os.path.join(parent, "cpuset.mems")))
             except OSError as exc:
                 raise _refused(path, cpuset, mems, exc) from exc
@@ -91,9 +92,9 @@ def apply_cpuset(paths: list[str], version: int, cpuset: str | None,
             if not os.path.exists(cpus_file):
                 return False
             try:
-                _write(cpus_file, cpuset)
+                write_control(cpus_file, cpuset)
                 if mems:
-                    _write(os.path.join(path, "cpuset.mems"), mems)
+                    write_control(os.path.join(path, "cpuset.mems"), mems)
             except OSError as exc:
                 raise _refused(path, cpuset, mems, exc) from exc
             return True
@@ -152,7 +153,7 @@ def apply_swap(find: Callable[[str], str | None], memory_limit: int,
         f = find(name)
     if f is not None:
         try:
-            _write(f, str(value))
+            write_control(f, str(value))
             return True
         except OSError as exc:
             log.warning("cannot write %s (%s): the swap limit is not enforced", f,

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shipyard.security.private_db import open_private_db
+
 GENESIS = "0" * 64
 FIELDS = ("seq", "ts", "request_id", "actor", "role", "source", "method", "path", "action",
           "target", "status", "outcome", "detail")
@@ -104,15 +106,7 @@ class AuditLog:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.suppress(FileExistsError):
-            self.path.touch(mode=0o600, exist_ok=False)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+        self._db, self._lock = open_private_db(self.path, _SCHEMA, synchronous="NORMAL")
 
     def close(self) -> None:
         with self._lock:

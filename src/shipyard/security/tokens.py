@@ -10,11 +10,8 @@ every request; revoking a token forgets it at once, and expiry is checked on eve
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import secrets
-import sqlite3
-import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -25,6 +22,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from shipyard.security.errors import AuthenticationError, SecurityConfigError
+from shipyard.security.private_db import open_private_db
 
 PREFIX = "shy_"
 ID_LENGTH = 12
@@ -86,14 +84,7 @@ class TokenStore:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.suppress(FileExistsError):
-            self.path.touch(mode=0o600, exist_ok=False)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(_SCHEMA)
+        self._db, self._lock = open_private_db(self.path, _SCHEMA)
 
     def close(self) -> None:
         with self._lock:
