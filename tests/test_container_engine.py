@@ -58,3 +58,36 @@ async def test_mixed_stack_of_a_container_and_a_process(
     left = podman("ps", "-a", "--filter", "label=shipyard.stack=mix", "--format", "{{.ID}}",
                   "--url", api_url)
     assert left.stdout.strip() == ""
+
+
+async def test_secrets_reach_a_container_as_a_variable_and_a_read_only_file(
+        tmp_path: Path, api_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHIPYARD_CONTAINER_HOST", api_url)
+    monkeypatch.setenv("TEST_DB_PASSWORD", "s3cret-value-for-the-container")
+    show = ("mkdir -p /www && { cat /run/secrets/db; echo; echo \"$DB_PASSWORD\"; "
+            "echo \"$DB_FILE\"; touch /run/secrets/db 2>/dev/null && echo writable "
+            "|| echo read-only; } > /www/index.html && "
+            "trap 'exit 0' TERM; httpd -f -p 127.0.0.1:$PORT -h /www & wait")
+    stack = Stack.model_validate({
+        "name": "sec", "ports": {"range": port_range()}, "deploy": {"timeout": "60s"},
+        "secrets": {"db": {"env": "TEST_DB_PASSWORD"}},
+        "services": {"web": {
+            "image": busybox_image(), "command": ["sh", "-c", show],
+            "ports": {"http": "auto"}, "stop": {"timeout": "3s"},
+            "secrets": [{"name": "db", "file": "/run/secrets/db", "path_env": "DB_FILE"},
+                        {"name": "db", "env": "DB_PASSWORD"}],
+            "health": {"readiness": {"http": "/", "interval": "200ms"}}}},
+        "base_dir": str(tmp_path)})
+    async with Engine(EngineConfig(home=tmp_path / "home", stop_on_exit=True)) as engine:
+        result = await engine.apply(stack)
+        assert result.ok, result
+        port = (await engine.instances("sec", "web"))[0].ports["http"]
+
+        def get() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
+                return str(answer.read().decode())
+
+        lines = (await asyncio.to_thread(get)).splitlines()
+        assert lines == ["s3cret-value-for-the-container", "s3cret-value-for-the-container",
+                         "/run/secrets/db", "read-only"], lines
+        await engine.down("sec")

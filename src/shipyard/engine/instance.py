@@ -22,7 +22,7 @@ from shipyard.plan.restart import decide_restart
 from shipyard.reliability.breaker import BreakerConfig, CircuitBreaker, CircuitOpenError
 from shipyard.reliability.retry import Backoff, RetryExhaustedError, RetryPolicy, retry_async
 from shipyard.runtime.base import Handle, LaunchSpec
-from shipyard.runtime.container_spec import ContainerSpec, container_spec
+from shipyard.runtime.container_spec import ContainerSpec, MountSpec, container_spec
 from shipyard.security.redact import redact
 from shipyard.security.secret_values import InstanceSecrets
 from shipyard.spec.interpolate import expand
@@ -44,8 +44,6 @@ LAUNCH_RETRY = RetryPolicy(backoff=Backoff.EXPONENTIAL_JITTER, initial=0.1, max_
                            max_attempts=6, deadline=10.0)
 
 
-def _with_gpus(spec: ContainerSpec | None, gpus: tuple[str, ...]) -> ContainerSpec | None:
-    return dataclasses.replace(spec, gpus=list(gpus)) if spec is not None and gpus else spec
 
 
 class InstanceSupervisor:
@@ -271,7 +269,7 @@ class InstanceSupervisor:
                 stop_signal=svc.stop.signal, stop_timeout=svc.stop.timeout,
                 cpu_limit=svc.resources.cpu, memory_limit=svc.resources.memory,
                 swap_limit=svc.resources.swap, cpuset=assigned.cpuset, mems=assigned.mems,
-                container=_with_gpus(container_spec(self.stack, rec.service), assigned.gpus)
+                container=self._container(assigned.gpus)
                 if svc.image else None,
                 user=getattr(svc, "user", None),
             )
@@ -289,6 +287,19 @@ class InstanceSupervisor:
                         cgroup=handle.cgroup, runtime={**handle.extra, **assigned.record()},
                         started_at=time.time(), ready=False, health="unknown")
         return handle
+
+    def _container(self, gpus: tuple[str, ...]) -> ContainerSpec | None:
+        """The container part of a launch: its GPUs, and its file secrets bind-mounted
+        read-only where the service's uses say."""
+        spec = container_spec(self.stack, self.record.service)
+        if spec is None:
+            return None
+        mounts = [MountSpec("bind", host, target, read_only=True)
+                  for host, target in self.secrets.bind_mounts()]
+        if gpus or mounts:
+            spec = dataclasses.replace(spec, gpus=list(gpus) or spec.gpus,
+                                       mounts=[*spec.mounts, *mounts])
+        return spec
 
     def _launch_retry(self, attempt: int, error: BaseException, wait: float) -> None:
         log.warning("%s: start attempt %d failed (%s); retrying in %.2fs", self.name, attempt,

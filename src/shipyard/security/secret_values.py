@@ -9,8 +9,8 @@ has one), with each file's path in a variable. The files are removed when the in
 ends; they are written again, with current values, at each start.
 
 Containers: the variables reach a container through the runtime's environment filter
-(`container_spec.env_keys`); a file would be a read-only bind mount of the delivered file
-at the use's `file:` path: the integration point is `container_spec()`'s `mounts`.
+(`container_spec.env_keys`); a file is the delivered file bind-mounted read-only at the
+use's `file:` path (`bind_mounts()`, added by the instance's launch).
 """
 
 from __future__ import annotations
@@ -126,11 +126,7 @@ class InstanceSecrets:
             self.variables = {}
             return {}
         service = self.stack.services[self.service]
-        if service.image is not None and any(u.file is not None for u in self.uses):
-            raise RuntimeLaunchError(
-                f"service {self.service}: file secrets are not given to local containers "
-                "yet (a bind mount, see secret_values); use env", hint="the Kubernetes "
-                "target mounts them")
+        container = service.image is not None
         values = {u.name: resolve(self.stack, u.name, self.home, environ) for u in self.uses}
         user = getattr(service, "user", None)
         run_as = resolve_user(user, self.service) if user else None
@@ -142,12 +138,19 @@ class InstanceSecrets:
             for use in files:
                 path = directory / use.file_name
                 _write_private(path, values[use.name], run_as)
-                out[use.path_variable] = str(path)
+                # a container sees the file where the use says (a read-only bind mount)
+                out[use.path_variable] = use.file if container else str(path)
         for use in self.uses:
             if use.env is not None:
                 out[use.env] = values[use.name].get_secret_value()
         self.variables = out
         return out
+
+    def bind_mounts(self) -> list[tuple[str, str]]:
+        """(host file, path in the container) of each file use: what a container
+        instance mounts read-only to see its file secrets."""
+        return [(str(self.directory / u.file_name), u.file)
+                for u in self.uses if u.file is not None]
 
     def recall(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
         """The variables of an instance started by an earlier control plane (re-adopted):
