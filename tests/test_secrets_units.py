@@ -14,7 +14,7 @@ import pytest
 from pydantic import SecretStr
 
 from shipyard.engine.environment import instance_environment
-from shipyard.errors import InputError, RuntimeLaunchError, SpecError
+from shipyard.errors import InputError, SpecError
 from shipyard.k8s.objects import RenderError
 from shipyard.k8s.render import RenderOptions, render_stack
 from shipyard.security import redact
@@ -116,12 +116,20 @@ def test_a_secret_variable_is_never_expanded_into_a_command(tmp_path: Path) -> N
         "or another variable (a command line is visible in ps)"]
 
 
-def test_file_secrets_of_local_containers_fail_at_launch(tmp_path: Path) -> None:
+def test_file_secrets_of_containers_are_bind_mounted_from_the_delivered_file(
+        tmp_path: Path) -> None:
     text = stack_text().replace('command: [sleep, "60"]', "image: localhost/app:1")
-    stack = parse_stack(text, base_dir=tmp_path, environ={})  # valid: k8s mounts them
-    with pytest.raises(RuntimeLaunchError, match="file secrets are not given to local "
-                                                 "containers yet"):
-        InstanceSecrets(tmp_path / "home", stack, "api", "api-1").deliver({})
+    stack = parse_stack(text, base_dir=tmp_path, environ={})
+    (tmp_path / "tls.key").write_text(VALUE)
+    SecretStore(tmp_path / "home").set("api-token", VALUE + "-token")
+    secrets = InstanceSecrets(tmp_path / "home", stack, "api", "api-1")
+    variables = secrets.deliver({"TEST_DB_PASSWORD": VALUE + "-db"})
+    # inside the container the file is where the use says; on the host it is 0600
+    assert variables["TLS_KEY_FILE"] == "/run/secrets/tls_key"
+    [(host, target)] = secrets.bind_mounts()
+    assert target == "/run/secrets/tls_key" and Path(host).read_text() == VALUE
+    assert stat.S_IMODE(Path(host).stat().st_mode) == 0o600
+    assert variables["DB_PASSWORD"] == VALUE + "-db"
 
 
 # -- the store ---------------------------------------------------------------------------
