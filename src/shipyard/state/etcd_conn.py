@@ -13,6 +13,8 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -33,7 +35,7 @@ from etcd3aio.errors import EtcdConnectionError, EtcdTransientError
 from shipyard.errors import InputError, StoreError
 from shipyard.state.etcd_keys import prefix_end
 
-__all__ = ["Compare", "Connection", "RangeRequest", "RequestOp", "TxnResponse"]
+__all__ = ["Compare", "Connection", "EtcdTls", "RangeRequest", "RequestOp", "TxnResponse"]
 
 PAGE = 256  # keys per range read: keeps answers far below gRPC's 4 MiB message limit
 
@@ -52,10 +54,42 @@ def parse_endpoint(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class Connection:
-    """One etcd client for a list of endpoints; `timeout` bounds every call."""
+@dataclass(frozen=True)
+class EtcdTls:
+    """TLS to etcd: the CA that signed its certificate, and a client certificate and key
+    when etcd asks for one (`--client-cert-auth`). PEM files. `server_name`: the name to
+    check the certificate against (default: the first endpoint's host)."""
 
-    def __init__(self, endpoints: Sequence[str], *, timeout: float = 5.0) -> None:
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None
+
+    def client_args(self, default_name: str) -> dict[str, Any]:
+        def read(path: Path | None, what: str) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                return Path(path).expanduser().read_bytes()
+            except OSError as exc:
+                raise InputError(f"etcd TLS: cannot read the {what} {path}: "
+                                 f"{exc.strerror or exc}") from None
+
+        if (self.cert is None) != (self.key is None):
+            raise InputError("etcd TLS: a client certificate needs its key (cert= and key=)")
+        return {"ca_cert": read(self.ca, "CA certificate"),
+                "cert_chain": read(self.cert, "client certificate"),
+                "cert_key": read(self.key, "client key"),
+                "tls_server_name": self.server_name or default_name}
+
+
+class Connection:
+    """One etcd client for a list of endpoints; `timeout` bounds every call; `tls` makes
+    it speak TLS (with a client certificate, when given)."""
+
+    def __init__(self, endpoints: Sequence[str], *, timeout: float = 5.0,
+                 tls: EtcdTls | None = None) -> None:
+        self.tls = tls
         self.endpoints = [f"{h}:{p}" for h, p in map(parse_endpoint, endpoints)]
         if not self.endpoints:
             raise InputError("no etcd endpoint given",
@@ -71,7 +105,9 @@ class Connection:
     async def open(self) -> None:
         """Resolve the host names (the client takes addresses) and open the channel."""
         addresses = [await self._resolve(e) for e in self.endpoints]
-        client = Etcd3Client(addresses, rpc_max_attempts=3)
+        tls = {} if self.tls is None else self.tls.client_args(
+            parse_endpoint(self.endpoints[0])[0])
+        client = Etcd3Client(addresses, rpc_max_attempts=3, **tls)
         await client.connect()
         self._client = client
 
@@ -217,6 +253,15 @@ class Connection:
         client = self._kv("watching")
         assert client.watch is not None
         return client.watch.watch(key, start_revision=start_revision)
+
+    def watch_prefix(self, prefix: bytes, start_revision: int, *,
+                     prev_kv: bool = False) -> AsyncIterator[WatchResponse]:
+        """Puts and deletes of every key under `prefix` from `start_revision` on (the
+        nodes and assignments of agent/; issue 10)."""
+        client = self._kv("watching")
+        assert client.watch is not None
+        return client.watch.watch(prefix, prefix_end(prefix), start_revision=start_revision,
+                                  prev_kv=prev_kv)
 
     def watch(self, prefix: bytes) -> AsyncIterator[WatchResponse]:
         """New puts under `prefix` from now on (the client reconnects by itself)."""

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from shipyard.errors import InputError, NotFoundError, StoreError
 from shipyard.state import etcd_keys as k
-from shipyard.state.etcd_conn import Connection, put_op, range_op
+from shipyard.state.etcd_conn import Connection, EtcdTls, put_op, range_op
 from shipyard.state.etcd_keys import Keys, prefix_end
 from shipyard.state.etcd_tx import Cmp, Committer, Conflict, Fence, TxState
 
@@ -81,7 +81,7 @@ class EtcdDatabase:
 
     def __init__(self, endpoints: Sequence[str] | str, cluster: str = "default", *,
                  timeout: float = 5.0, max_txn_ops: int = 128,
-                 max_txn_bytes: int = 1_000_000) -> None:
+                 max_txn_bytes: int = 1_000_000, tls: EtcdTls | None = None) -> None:
         if isinstance(endpoints, str):
             endpoints = endpoints.split(",")
         if not k.CLUSTER_NAME.fullmatch(cluster):
@@ -89,7 +89,7 @@ class EtcdDatabase:
                              hint="use letters, digits, '.', '_' and '-' (at most 63)")
         self.cluster = cluster
         self.keys = Keys(cluster)
-        self._conn = Connection(endpoints, timeout=timeout)
+        self._conn = Connection(endpoints, timeout=timeout, tls=tls)
         self.endpoints = self._conn.endpoints
         self._committer = Committer(self._conn, self.keys, max_ops=max_txn_ops,
                                     max_bytes=max_txn_bytes)

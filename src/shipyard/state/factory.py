@@ -12,6 +12,7 @@ from shipyard.state.base import StateStore
 _SQLITE = "sqlite://"
 _ETCD = "etcd://"
 _ETCD_OPTIONS = {"timeout": float, "max_txn_ops": int, "max_txn_bytes": int}
+_ETCD_TLS = ("ca", "cert", "key", "server_name")  # TLS: PEM file paths, and a name
 
 
 def open_store(url_or_path: str | Path) -> StateStore:
@@ -19,7 +20,9 @@ def open_store(url_or_path: str | Path) -> StateStore:
 
     Accepted: a file path (`~/.shipyard/state.db`), `sqlite:///abs/path/state.db`, or
     `etcd://host1:2379,host2:2379[/cluster][?timeout=5&max_txn_ops=128&max_txn_bytes=N]`
-    (the cluster names a namespace in etcd, "default" when omitted).
+    (the cluster names a namespace in etcd, "default" when omitted), with TLS when the
+    options name its files: `?ca=/etc/etcd/ca.crt&cert=client.crt&key=client.key`
+    (`server_name=` to check the certificate against another name than the host's).
     """
     from shipyard.state.sqlite import SQLiteStore
 
@@ -55,11 +58,18 @@ def _etcd_store(url: str) -> StateStore:
         raise InputError(f"state store {url!r} names no etcd endpoint",
                          hint="write it as etcd://host1:2379,host2:2379[/cluster]")
     options: dict[str, Any] = {}
+    tls: dict[str, Any] = {}
     for name, value in parse_qsl(query, keep_blank_values=True):
+        if name in _ETCD_TLS:
+            if not value:
+                raise InputError(f"state store {url!r}: option {name} is empty")
+            tls[name] = value if name == "server_name" else Path(value)
+            continue
         kind = _ETCD_OPTIONS.get(name)
         if kind is None:
             raise InputError(f"state store {url!r}: unknown option {name!r}",
-                             hint="known options: " + ", ".join(_ETCD_OPTIONS))
+                             hint="known options: "
+                             + ", ".join([*_ETCD_OPTIONS, *_ETCD_TLS]))
         try:
             options[name] = kind(value)
             if options[name] <= 0:
@@ -67,4 +77,8 @@ def _etcd_store(url: str) -> StateStore:
         except ValueError:
             raise InputError(f"state store {url!r}: option {name}={value!r} must be a "
                              f"positive {kind.__name__}") from None
+    if tls:
+        from shipyard.state.etcd_conn import EtcdTls
+
+        options["tls"] = EtcdTls(**tls)
     return EtcdStore([h for h in hosts.split(",") if h.strip()], cluster, **options)
