@@ -388,3 +388,19 @@ def test_wait_times_out(kube: tuple[FakeKube, str], tmp_path: Path) -> None:
     deployer = Deployer(cluster, stack, ApplyOptions(interval=0.01))
     with pytest.raises(ClusterError, match="timed out after 0s waiting for Deployment/x"):
         deployer.wait([("Deployment", "x")], 0.05)
+
+
+def test_diff_never_prints_a_secret_value(kube: tuple[FakeKube, str], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Uses the emulator: a changed Secret shows which keys changed, not their values."""
+    _, kc = kube
+    with_secret = STACK.replace("    image: shop/api:1\n",
+                                "    image: shop/api:1\n    env: {PASSWORD: first-s3cret}\n")
+    args = ["--kubeconfig", kc, "--secret-env", "api.PASSWORD"]
+    assert cli("apply", "-f", write(tmp_path, with_secret), *args) == 0
+    capsys.readouterr()
+    changed = with_secret.replace("first-s3cret", "second-s3cret")
+    assert cli("diff", "-f", write(tmp_path, changed), *args) == 0
+    out = capsys.readouterr().out
+    assert "~ Secret/" in out and "(hidden, changed)" in out, out
+    assert "s3cret" not in out and "c2VjcmV0" not in out

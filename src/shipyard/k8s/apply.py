@@ -291,6 +291,22 @@ def _project(live: Any, want: Any) -> Any:
     return live
 
 
+def _masked(secret: Any, other: Any) -> Any:
+    """A Secret with its values replaced by "(hidden)", or "(hidden, changed)" where
+    `other` (the live object; None for the live side itself) has another value for the
+    key: safe to print, and a changed value still shows as a changed line."""
+    if not isinstance(secret, dict):
+        return secret
+    out = dict(secret)
+    for part in ("data", "stringData"):
+        values = secret.get(part)
+        if isinstance(values, dict):
+            theirs = (other or {}).get(part) or {}
+            out[part] = {key: "(hidden)" if other is None or theirs.get(key) == value
+                          else "(hidden, changed)" for key, value in values.items()}
+    return out
+
+
 def diff(cluster: Cluster, stack: Stack, planned: Planned) -> list[str]:
     """Lines: `+ Kind/name` new, `~ Kind/name` and a unified diff, `- Kind/name` pruned."""
     cluster.version()
@@ -301,7 +317,10 @@ def diff(cluster: Cluster, stack: Stack, planned: Planned) -> list[str]:
         if live is None:
             lines.append(f"+ {ref}")
             continue
-        old = yaml.safe_dump(_project(live, obj), sort_keys=True).splitlines()
+        projected = _project(live, obj)
+        if obj["kind"] == "Secret":  # a diff shows which keys changed, never a value
+            projected, obj = _masked(projected, None), _masked(obj, projected)
+        old = yaml.safe_dump(projected, sort_keys=True).splitlines()
         new = yaml.safe_dump(obj, sort_keys=True).splitlines()
         if old != new:
             lines.append(f"~ {ref}")
