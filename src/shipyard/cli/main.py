@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from shipyard import __version__
+from shipyard.cli.commands_agent import agent, nodes, place
 from shipyard.cli.commands_import import import_
 from shipyard.cli.commands_k8s import k8s
 from shipyard.cli.commands_ops import history, ops, recover, restart, rollback
@@ -76,6 +77,8 @@ for command in (scale, autoscale, top, promote, abort):
 for command in (token, tls, audit, whoami, secret):
     cli.add_command(command)
 cli.add_command(k8s)
+for command in (agent, nodes, place):  # nodes (issue 10, docs/nodes.md)
+    cli.add_command(command)
 
 
 def error_lines(exc: ShipyardError) -> list[str]:

@@ -488,6 +488,8 @@ class Engine:
     async def _recover(self) -> None:
         """Resume from the store: re-adopt what still runs, restart what died meanwhile."""
         for rec in await self.store.list_stacks():
+            if rec.status == "placed":  # run by node agents (agent/scheduler.py), not here
+                continue
             stack = Stack.model_validate(rec.spec)
             state = StackState(stack, DependencyGraph.from_stack(stack))
             self.stacks_state[stack.name] = state

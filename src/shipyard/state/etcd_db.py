@@ -169,6 +169,38 @@ class EtcdDatabase:
         """Group the writes made inside into one etcd transaction (see the module docs)."""
         return _Transaction(self)
 
+    # -- raw keys of this namespace (agent/: nodes, assignments) ------------- (issue 10) --
+    async def put_raw(self, key: bytes, value: bytes | None, *,
+                      mod_revision: int | None = None) -> None:
+        """Put `value` at `key` (a key under `keys.root`; None deletes it), in the current
+        transaction or as a write of its own. With `mod_revision` (0: absent), only while
+        the key still has it: else StoreError ("changed meanwhile"), nothing written."""
+        if not key.startswith(self.keys.root):
+            raise ValueError(f"{key!r} is not a key of {self.url}")
+        state = self._tx()
+        own = state is None
+        if state is None:
+            self._check_open()
+            state = TxState()
+        if mod_revision is not None:
+            state.cmps[Cmp(key, "mod", mod_revision, what=key.decode(errors="replace"))] = None
+        await self._put(state, key, value)
+        if own:
+            try:
+                await self._committer.submit(state)
+            except Conflict as exc:
+                raise StoreError(f"state store {self.url}: {exc} was changed meanwhile "
+                                 "(nothing was written)", hint="read it again") from None
+
+    def check_raw(self, key: bytes, mod_revision: int) -> None:
+        """Commit the current transaction only if `key` still has `mod_revision` (0:
+        absent); it fails with StoreError otherwise. Only inside `transaction()`."""
+        state = self._tx()
+        if state is None:
+            raise RuntimeError("check_raw() is only meaningful inside transaction()")
+        state.cmps[Cmp(key, "mod", mod_revision, what=key.decode(errors="replace"))] = None
+    # -- end raw keys ------------------------------------------------------------------------
+
     # -- machinery ------------------------------------------------------------------------
     def _tx(self) -> TxState | None:
         tx = _CURRENT.get()
