@@ -418,3 +418,45 @@ def test_an_assignment_removed_is_stopped_and_a_changed_one_replaced(
                       is InstanceState.FAILED and r, 15, "f-1 failed")
     assert failed.exit_code == 3 and failed.restarts == 2
     assert failed.message == "exited 3; gave up after 2 restarts"
+
+
+def test_the_leading_control_plane_reschedules_a_lost_nodes_instances(
+        cluster: Cluster) -> None:
+    """No `place --follow` runs: the HA leader's own node scheduler moves the instances
+    of a node killed with -9 to the other node."""
+    from tests.test_ha import start_server
+
+    server = start_server(cluster.tmp / "server-home", cluster.url)
+    cluster.procs.append(server)
+    a = cluster.start_agent("a")
+    cluster.start_agent("b")
+    cluster.wait_registered("a")
+    cluster.wait_registered("b")
+    na, nb = cluster.name("a"), cluster.name("b")
+    stack = cluster.stack_file({
+        "web": {"command": ["/bin/sleep", "600"], "replicas": 2, "stop": {"timeout": "2s"},
+                "placement": {"anti_affinity": "preferred", "strategy": "spread"}}})
+    placed = subprocess.run([PY, "-m", "shipyard.cli.main", "place", "-f", str(stack),
+                             "--store", cluster.url, "--timeout", "30"],
+                            capture_output=True, text=True, timeout=60)
+    assert placed.returncode == 0, placed.stderr
+    where = {n: r.runtime["node"] for n, r in instances(cluster.url, cluster.stack).items()}
+    assert sorted(where.values()) == sorted([na, nb])
+    on_a = next(n for n, node in where.items() if node == na)
+    a.send_signal(signal.SIGKILL)
+    a.wait(10)
+
+    def moved() -> bool:
+        rec = instances(cluster.url, cluster.stack)[on_a]
+        return (rec.runtime.get("node") == nb and rec.pid is not None
+                and rec.state in (InstanceState.RUNNING, InstanceState.READY)
+                and pids_alive([rec.pid]) == [rec.pid])
+
+    wait_for(moved, TTL + 20, f"{on_a} running on b, moved by the leader")
+    assert any(e.kind == "instance.rescheduled" and e.data["from"] == na
+               for e in events(cluster.url))
+    gone = subprocess.run([PY, "-m", "shipyard.cli.main", "place", "-f", str(stack),
+                           "--store", cluster.url, "--remove"], capture_output=True,
+                          text=True, timeout=60)
+    assert gone.returncode == 0, gone.stderr
+    wait_for(lambda: not processes_of(cluster.stack), 15, "the stack's processes gone")

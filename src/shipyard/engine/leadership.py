@@ -122,6 +122,8 @@ class Leadership:
         self._conn: Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._settled = asyncio.Event()  # a take-over was tried (it may have failed)
+        self._nodes: asyncio.Task[None] | None = None  # the leader's node scheduler
+        self._nodes_stop = asyncio.Event()
 
     @property
     def engine(self) -> Engine:
@@ -179,6 +181,7 @@ class Leadership:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self.ready.clear()
+        await self._stop_nodes()
         if self._engine is not None:
             await self._close_engine(self._engine)
         if self._election is not None:
@@ -229,13 +232,44 @@ class Leadership:
             return False
         self.ready.set()
         log.info("%s: leading, engine active", self.member)
+        self._start_nodes()
         return True
+
+    def _start_nodes(self) -> None:
+        """The leader also schedules onto the registered nodes (agent/scheduler.py): a lost
+        node's instances are placed elsewhere without anyone watching `place --follow`.
+        Its writes go through the fenced store: a former leader places nothing."""
+        from shipyard.agent.scheduler import NodeScheduler
+
+        async def schedule() -> None:
+            scheduler = NodeScheduler(self.engine.store)  # type: ignore[arg-type]
+            await scheduler.open()
+            try:
+                await scheduler.run(self._nodes_stop)
+            finally:
+                await scheduler.close()
+
+        self._nodes_stop = asyncio.Event()
+        self._nodes = asyncio.create_task(schedule(), name="node-scheduler")
+
+    async def _stop_nodes(self) -> None:
+        task, self._nodes = self._nodes, None
+        if task is None:
+            return
+        self._nodes_stop.set()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await task
+        except (Exception, asyncio.CancelledError) as exc:  # etcd away, or fenced
+            task.cancel()
+            log.info("%s: node scheduler stopped: %r", self.member, exc)
 
     async def _step_down(self) -> None:
         """Stop acting at once; go on as a standby with a fresh engine."""
         from shipyard.engine.engine import Engine
 
         self.ready.clear()
+        await self._stop_nodes()
         old = self.engine
         if not old.standby:
             log.warning("%s: no longer the leader; stopping to act", self.member)
