@@ -482,7 +482,10 @@ class InstanceCgroup:
 
     def oom_kills(self) -> int:
         """How many processes the kernel OOM-killed in this cgroup (0 if unknown)."""
-        for name, key in (("memory.events", "oom_kill"), ("memory.oom_control", "oom_kill")):
+        names = ("memory.events", "memory.oom_control")
+        if len(self.paths) > 1:  # v1 (a directory per hierarchy): its file first
+            names = names[::-1]
+        for name, key in ((n, "oom_kill") for n in names):
             if f := self._find(name):
                 with contextlib.suppress(OSError, ValueError):
                     for line in _read(f).splitlines():
