@@ -17,26 +17,25 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from shipyard.engine import handlers, revisions
+from shipyard.engine import handlers, recovery, revisions
 from shipyard.engine.autoscaler import Autoscaler
 from shipyard.engine.config import EngineConfig
 from shipyard.engine.dependencies import DependencyWatcher
 from shipyard.engine.deploy import stack_document
-from shipyard.engine.instance import TERMINAL, InstanceSupervisor
+from shipyard.engine.instance import InstanceSupervisor
 from shipyard.engine.local_resources import LocalResources
 from shipyard.engine.metrics import EngineMetrics
 from shipyard.engine.operations import OperationQueue, parse_priority
 from shipyard.engine.preflight import preflight
 from shipyard.engine.results import DeployResult, PlanReport
 from shipyard.engine.rollout import RolloutControl
-from shipyard.engine.rollout_traffic import schedule_retirement
 from shipyard.engine.routing import ServiceRouters
 from shipyard.errors import NotFoundError, ShipyardError
 from shipyard.plan.graph import DependencyGraph
 from shipyard.reliability.breaker import BreakerConfig, CircuitBreaker, CircuitState
 from shipyard.reliability.registry import BreakerRegistry
 from shipyard.resources.ports import PortAllocator
-from shipyard.runtime.base import Handle, Runtime
+from shipyard.runtime.base import Runtime
 from shipyard.runtime.dispatch import DispatchRuntime
 from shipyard.runtime.logs import rotate_if_needed
 from shipyard.runtime.process import ProcessRuntime
@@ -486,47 +485,8 @@ class Engine:
                 yield name, sup.record.service, sup.record.state
 
     async def _recover(self) -> None:
-        """Resume from the store: re-adopt what still runs, restart what died meanwhile."""
-        for rec in await self.store.list_stacks():
-            if rec.status == "placed":  # run by node agents (agent/scheduler.py), not here
-                continue
-            stack = Stack.model_validate(rec.spec)
-            state = StackState(stack, DependencyGraph.from_stack(stack))
-            self.stacks_state[stack.name] = state
-            ports = self.ports_for(stack)
-            await self.routers.ensure(stack)
-            for inst in await self.store.list_instances(stack=stack.name):
-                sup = InstanceSupervisor(self, stack, inst)
-                if inst.service not in stack.services:
-                    await self._kill_recorded(inst)
-                    await self.store.delete_instance(stack.name, inst.instance)
-                    continue
-                for port in inst.ports.values():
-                    ports.reserve(port, f"{stack.name}/{inst.instance}")
-                state.supervisors[inst.instance] = sup
-                if inst.state in TERMINAL:
-                    continue
-                handle = _handle_of(inst)
-                if handle is not None and self.runtime.adopt(handle):
-                    self.local.adopt(stack, stack.services[inst.service], inst.instance,
-                                     inst.runtime)
-                    sup.start(adopt=handle)
-                else:
-                    await self._kill_recorded(inst)
-                    sup.start(restarted=inst.state.alive or inst.state is InstanceState.BACKOFF)
-            if rec.status != "deploying":
-                # a previous blue-green set kept when the control plane went down: which
-                # side served is not known any more, so the current spec serves now
-                for service, svc in stack.services.items():
-                    if svc.update.strategy.value in ("blue-green", "canary") \
-                            and len(state.instances_of(service)) > svc.replicas:
-                        schedule_retirement(self, state, service, 0.0)
-
-    async def _kill_recorded(self, inst: InstanceRecord) -> None:
-        """Empty the cgroup of a recorded instance whose process is gone (grandchildren
-        may still hold it)."""
-        if inst.cgroup:
-            await self.runtime.kill_cgroup(inst.cgroup)
+        """Resume from the store (engine/recovery.py)."""
+        await recovery.recover(self)
 
     async def _reconcile_loop(self) -> None:
         """Level-triggered housekeeping: replace supervisors that vanished, rotate logs."""
@@ -538,10 +498,3 @@ class Engine:
                     with contextlib.suppress(OSError):
                         rotate_if_needed(path, self.config.log_max_bytes,
                                          self.config.log_backups)
-
-
-def _handle_of(inst: InstanceRecord) -> Handle | None:
-    if inst.pid is None or inst.proc_start is None:
-        return None
-    return Handle(instance=inst.instance, pid=inst.pid, pgid=inst.pgid or inst.pid,
-                  proc_start=inst.proc_start, cgroup=inst.cgroup, extra=dict(inst.runtime))
