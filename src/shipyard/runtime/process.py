@@ -39,6 +39,7 @@ from shipyard.runtime.spawn import (
     wait_foreign,
 )
 from shipyard.runtime.threadspawn import ThreadSpawner
+from shipyard.runtime.tracking import DescendantTracker
 
 log = logging.getLogger("shipyard.runtime.process")
 # Failures to start a process that may pass on their own: out of processes, memory, file
@@ -82,7 +83,6 @@ class ProcessRuntime(Runtime):
         always uses the fallback, a forked child joining it by a preexec_fn (slower)."""
         top = cgroup_name or os.environ.get("SHIPYARD_CGROUP_NAME") or TOP
         self.cgroup_support = detect(cgroups, cgroup_parent, top=top)
-        self.track_interval = track_interval
         self.warning: str | None = None
         support = self.cgroup_support
         if not support.enabled:
@@ -96,9 +96,8 @@ class ProcessRuntime(Runtime):
         self._children: dict[int, _Child] = {}
         self._finished: OrderedDict[tuple[int, float], tuple[int | None, str | None]] = (
             OrderedDict())
-        self._tracked: dict[tuple[int, float], dict[int, float]] = {}
-        self._tracker: asyncio.Task[None] | None = None
         self._procs = procscan.SharedScan(SCAN_TTL)
+        self._tracker = DescendantTracker(self._procs, track_interval)
         # v1: children are started by a thread that visits their cgroup (no preexec_fn).
         self._spawner = (ThreadSpawner(support.mounts)
                          if thread_join and support.enabled and support.version == 1 else None)
@@ -150,7 +149,7 @@ class ProcessRuntime(Runtime):
         self._children[popen.pid] = child
         self._watch(child, loop)
         if cgroup is None:
-            self._track(handle)
+            self._tracker.track(handle)
         return handle
 
     async def _make_cgroup(self, spec: LaunchSpec) -> InstanceCgroup | None:
@@ -274,7 +273,7 @@ class ProcessRuntime(Runtime):
         if not procscan.same_process(handle.pid, handle.proc_start):
             return False
         if not handle.cgroup:
-            self._track(handle)
+            self._tracker.track(handle)
         return True
 
     def exit_reason(self, handle: Handle) -> str | None:
@@ -320,7 +319,7 @@ class ProcessRuntime(Runtime):
                     break
         if cg is not None:
             await self._remove_cgroup(cg)
-        self._tracked.pop((handle.pid, handle.proc_start), None)
+        self._tracker.forget(handle)
 
     def _scan(self, fresh: bool = False) -> dict[int, procscan.ProcInfo]:
         return self._procs.table(fresh)
@@ -343,7 +342,7 @@ class ProcessRuntime(Runtime):
                 with contextlib.suppress(OSError):  # not in its cgroup (could not join)
                     os.killpg(handle.pgid, sig)
             return set()
-        members = self._members(handle, self._scan(), environ=sweep)
+        members = self._tracker.members(handle, self._scan(), environ=sweep)
         # A process group id cannot be reused while the group has a member.
         if self._main_alive(handle, child) or any(m.pgrp == handle.pgid for m in members):
             with contextlib.suppress(OSError):
@@ -361,28 +360,6 @@ class ProcessRuntime(Runtime):
                 cg.kill()
         return self._signal_all(handle, child, cg, signal.SIGKILL, sweep=True)
 
-    def _members(self, handle: Handle, table: dict[int, procscan.ProcInfo], *,
-                 environ: bool) -> list[procscan.ProcInfo]:
-        """Processes of a cgroup-less instance: its process group and session, its
-        descendants now and as recorded, and (with `environ`) its environment marker."""
-        since = handle.proc_start - 0.01
-        tracked = self._tracked.get((handle.pid, handle.proc_start), {})
-        marker = handle.extra.get("env_marker")
-        entries = (frozenset(e.encode() for e in marker.split("\n")) if marker and environ
-                   else frozenset())
-        me = os.getpid()
-        found: dict[int, procscan.ProcInfo] = {}
-        if procscan.same_process(handle.pid, handle.proc_start):
-            found = {d.pid: d for d in procscan.descendants(handle.pid, table)}
-        for info in table.values():
-            if not info.alive or info.start < since or info.pid == me or info.pid in found:
-                continue
-            if (info.pgrp == handle.pgid or info.sid == handle.pgid
-                    or abs(tracked.get(info.pid, -1.0) - info.start) <= 0.01
-                    or (entries and entries <= self._procs.environ(info))):
-                found[info.pid] = info
-        return list(found.values())
-
     def _remaining(self, handle: Handle, child: _Child | None, cg: InstanceCgroup | None,
                    known: set[tuple[int, float]]) -> set[int]:
         left: set[int] = set()
@@ -395,7 +372,7 @@ class ProcessRuntime(Runtime):
                 left |= cg.pids()
             return left
         left |= {pid for pid, start in known if procscan.same_process(pid, start)}
-        left |= {m.pid for m in self._members(handle, self._scan(), environ=False)}
+        left |= {m.pid for m in self._tracker.members(handle, self._scan(), environ=False)}
         return left
 
     async def _until_gone(self, handle: Handle, child: _Child | None,
@@ -469,42 +446,12 @@ class ProcessRuntime(Runtime):
                 removed.append(path)
         return removed
 
-    # -- descendant tracking without cgroups ------------------------------------------
-    def _track(self, handle: Handle) -> None:
-        self._tracked.setdefault((handle.pid, handle.proc_start), {})
-        if self._tracker is None or self._tracker.done():
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                return  # adopt() outside a loop: tracked from the next start() on
-            self._tracker = loop.create_task(self._track_loop(), name="shipyard-track")
-
-    async def _track_loop(self) -> None:
-        while self._tracked:
-            table = self._scan(fresh=True)
-            for key, seen in list(self._tracked.items()):
-                pid, start = key
-                root = table.get(pid)
-                alive = root is not None and root.alive and abs(root.start - start) <= 0.01
-                if alive:
-                    for d in procscan.descendants(pid, table):
-                        seen[d.pid] = d.start
-                for p in [p for p, s in seen.items() if p not in table
-                          or not table[p].alive or abs(table[p].start - s) > 0.01]:
-                    del seen[p]
-                if not alive and not seen:  # nothing left to remember for it
-                    del self._tracked[key]
-            await asyncio.sleep(self.track_interval)
-
     async def close(self) -> None:
         if self.cgroup_support.enabled:
             prune_empty(self.cgroup_support.bases)
         if self._spawner is not None:
             self._spawner.close()
-        if self._tracker is not None:
-            self._tracker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._tracker
+        await self._tracker.close()
         for child in self._children.values():
             if child.pidfd is not None:
                 with contextlib.suppress(Exception):
