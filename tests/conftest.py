@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,3 +72,14 @@ def api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
     finally:
         service.stop()
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[Any]:
+    """An engine of its own for the test, in tmp_path/home; it stops every instance when
+    the test ends."""
+    from shipyard import Engine, EngineConfig
+
+    eng = Engine(EngineConfig(home=tmp_path / "home", stop_on_exit=True))
+    async with eng:
+        yield eng

@@ -48,13 +48,6 @@ def all_pids(engine: Engine) -> list[int]:
             for s in st.supervisors.values() if s.record.pid]
 
 
-@pytest.fixture
-async def engine(tmp_path: Path):
-    eng = Engine(EngineConfig(home=tmp_path / "home", stop_on_exit=True))
-    async with eng:
-        yield eng
-
-
 async def test_deploys_in_dependency_order_with_health_gating(engine: Engine,
                                                               tmp_path: Path) -> None:
     record = str(tmp_path / "order.log")

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from shipyard import Engine, EngineConfig
+from shipyard import Engine
 from shipyard.spec.models import Stack
 from tests.conftest import port_range
 from tests.loadgen import Load
@@ -30,13 +30,6 @@ def stack_of(tmp_path: Path, version: str, *extra: str, name: str = "ro",
     return Stack.model_validate({
         "name": name, "ports": {"range": port_range()}, "deploy": {"timeout": "60s"},
         "services": {"api": api}, "base_dir": str(tmp_path)})
-
-
-@pytest.fixture
-async def engine(tmp_path: Path):
-    eng = Engine(EngineConfig(home=tmp_path / "home", stop_on_exit=True))
-    async with eng:
-        yield eng
 
 
 async def test_rolling_update_with_surge_fails_no_request(engine: Engine,
