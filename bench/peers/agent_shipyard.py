@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from shipyard import Engine, EngineConfig
+from shipyard.runtime.logpipe import LogPipes
 from shipyard.runtime.process import ProcessRuntime
 from shipyard.spec.models import Stack
 from shipyard.state.base import InstanceState
@@ -66,7 +67,8 @@ class Agent:
         home = Path(req["run_dir"]) / "shipyard-home"
         config = EngineConfig(home=home, stop_on_exit=True)
         if req.get("cgroups") == "off":  # the variant without per-instance cgroups
-            self.engine = Engine(config, runtime=ProcessRuntime(cgroups="off"))
+            self.engine = Engine(config, runtime=ProcessRuntime(
+                cgroups="off", pipes=LogPipes(home)))
         else:
             self.engine = Engine(config)
         await self.engine.start()
@@ -88,7 +90,12 @@ class Agent:
             raise RuntimeError(f"apply failed: {result.failed}")
         while len(await self.instances()) < self.n:  # apply said so; confirm
             await asyncio.sleep(self.poll)
-        return {}
+        # the control plane is this process and the log relay it started
+        runtime = self.engine.runtime
+        process = getattr(runtime, "process", runtime)
+        pipes = getattr(process, "pipes", None)
+        relay = pipes.relay_pid if pipes is not None else None
+        return {"control_pids": [os.getpid(), *([relay] if relay else [])]}
 
     async def wait_new(self, req: dict[str, Any]) -> dict[str, Any]:
         deadline = time.monotonic() + req["timeout"]

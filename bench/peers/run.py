@@ -252,7 +252,9 @@ class AgentDriver(Driver):
         self.control_pids = reply["control_pids"]
 
     def start(self) -> None:
-        self.call("start")
+        reply = self.call("start")
+        if reply.get("control_pids"):  # processes the control plane started meanwhile
+            self.control_pids = reply["control_pids"]
 
     def pids(self) -> dict[str, int]:
         return {k: int(v) for k, v in self.call("pids")["pids"].items()}

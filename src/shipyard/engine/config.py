@@ -27,6 +27,9 @@ class EngineConfig:
     reconcile_interval: float = 5.0  # seconds between housekeeping passes (log rotation)
     log_max_bytes: int = 10 * 2**20  # rotate an instance's log past this size
     log_backups: int = 3
+    # carry instance output through the home's log relay (runtime/logrelay.py): output
+    # survives a full log disk (dropped, with an event) and a control plane restart
+    log_relay: bool = True
     max_concurrent_deployments: int = 100  # operations running at once (all stacks)
     prometheus_url: str | None = None  # for `prometheus` autoscale metrics (default:
     # $SHIPYARD_PROMETHEUS_URL)

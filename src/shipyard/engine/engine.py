@@ -26,6 +26,7 @@ from shipyard.engine.instance import InstanceSupervisor
 from shipyard.engine.local_resources import LocalResources
 from shipyard.engine.metrics import EngineMetrics
 from shipyard.engine.operations import OperationQueue, parse_priority
+from shipyard.engine.output import output_event
 from shipyard.engine.preflight import preflight
 from shipyard.engine.results import DeployResult, PlanReport
 from shipyard.engine.rollout import RolloutControl
@@ -37,6 +38,7 @@ from shipyard.reliability.registry import BreakerRegistry
 from shipyard.resources.ports import PortAllocator
 from shipyard.runtime.base import Runtime
 from shipyard.runtime.dispatch import DispatchRuntime
+from shipyard.runtime.logpipe import LogPipes, Notice
 from shipyard.runtime.logs import rotate_if_needed
 from shipyard.runtime.process import ProcessRuntime
 from shipyard.security.redact import redact_event
@@ -83,8 +85,10 @@ class Engine:
         digest = hashlib.sha1(str(self.config.home).encode()).hexdigest()[:8]
         # processes, and containers for services with an image (the container engine is
         # contacted on first use only)
+        pipes = (LogPipes(self.config.home, on_notice=self._on_log_notice)
+                 if self.config.log_relay else None)
         self.runtime: Runtime = runtime or DispatchRuntime(
-            ProcessRuntime(cgroup_name=f"shipyard-{digest}"),
+            ProcessRuntime(cgroup_name=f"shipyard-{digest}", pipes=pipes),
             self._container_runtime)
         self.store: StateStore = open_store(self.config.store_url)
         self.metrics = EngineMetrics(self._instance_states)
@@ -122,7 +126,7 @@ class Engine:
         HTTP stack), which a stack of processes never needs in memory."""
         from shipyard.runtime.container import ContainerRuntime
 
-        return ContainerRuntime(self.config.home)
+        return ContainerRuntime(self.config.home, on_notice=self._on_log_notice)
 
     async def __aenter__(self) -> Engine:
         await self.start()
@@ -439,6 +443,13 @@ class Engine:
                       data={"breaker": breaker.name, "from": old.value, "to": new.value})
         self.emit_soon(event)
 
+    def _on_log_notice(self, notice: Notice) -> None:
+        """The log relay could not write an instance's output (a full disk...), or can
+        again: an event either way (the instance keeps running meanwhile)."""
+        event = output_event(self, notice)
+        if event is not None:
+            self.emit_soon(event)
+
     def emit_soon(self, event: Event) -> None:
         """Record `event` from synchronous code (a callback): in a task of its own."""
         task = asyncio.get_running_loop().create_task(self.record_event(event))
@@ -494,6 +505,8 @@ class Engine:
             await asyncio.sleep(self.config.reconcile_interval)
             for state in list(self.stacks_state.values()):
                 for sup in list(state.supervisors.values()):
+                    if "log_fifo" in sup.record.runtime:  # the log relay rotates it
+                        continue
                     path = self.config.log_path(state.stack.name, sup.name)
                     with contextlib.suppress(OSError):
                         rotate_if_needed(path, self.config.log_max_bytes,

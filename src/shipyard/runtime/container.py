@@ -45,6 +45,7 @@ from shipyard.errors import RuntimeLaunchError, TransientLaunchError
 from shipyard.runtime.base import Handle, LaunchSpec, Runtime
 from shipyard.runtime.container_images import ensure_image, explain, mounts_for
 from shipyard.runtime.container_spec import container_env, limit_options
+from shipyard.runtime.logrelay import Sink
 from shipyard.runtime.podman import PodmanService, configured_url, oom_killed_in_kernel_log
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class _Tracked:
     log_path: str
     done: asyncio.Future[Result]
     memory_limit: int = 0
+    key: str = ""  # stack/instance, for log notices
     stop_requested: bool = False
     thread: threading.Thread | None = field(default=None, repr=False)
 
@@ -105,8 +107,13 @@ class ContainerRuntime(Runtime):
 
     def __init__(self, home: Path, *, base_url: str | None = None,
                  podman_args: list[str] | None = None, ulimits: list[Ulimit] | None = None,
-                 network: str = "host") -> None:
+                 network: str = "host",
+                 on_notice: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """`on_notice`: told when the output of a container cannot be written to its log
+        file (a full disk: it is dropped) and when it can again (runtime/logrelay.py)."""
         self.home = Path(home)
+        self.on_notice = on_notice
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.volumes_dir = self.home / "volumes"
         self.home_label = hashlib.sha1(str(self.home.resolve()).encode()).hexdigest()[:12]
         self.warning: str | None = None
@@ -198,7 +205,9 @@ class ContainerRuntime(Runtime):
         if tracked is not None:
             return tracked
         loop = asyncio.get_running_loop()
-        tracked = _Tracked(cid, log_path, loop.create_future(), memory_limit)
+        self._loop = loop
+        key = f"{handle.extra.get(LABEL_STACK, '')}/{handle.instance}"
+        tracked = _Tracked(cid, log_path, loop.create_future(), memory_limit, key=key)
         self._tracked[cid] = tracked
         assert self._client is not None
         tracked.thread = threading.Thread(
@@ -213,11 +222,12 @@ class ContainerRuntime(Runtime):
         its exit status, resolve `done`, and remove the container."""
         result: Result = (None, None)
         try:
-            fd = os.open(t.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            sink = Sink("", -1, t.log_path, 0, 0, t.key)  # rotated by the engine
             try:
-                result = self._follow(client, t, fd, since)
+                sink.open_log()
+                result = self._follow(client, t, sink, since)
             finally:
-                os.close(fd)
+                sink.close()
         except Exception as exc:  # the engine went away: the outcome is unknown
             if self._closing:
                 return
@@ -232,14 +242,15 @@ class ContainerRuntime(Runtime):
         with contextlib.suppress(docker.errors.DockerException, requests.RequestException):
             client.api.remove_container(t.id, v=True, force=True)
 
-    def _follow(self, client: docker.DockerClient, t: _Tracked, fd: int,
+    def _follow(self, client: docker.DockerClient, t: _Tracked, sink: Sink,
                 since: float | None) -> Result:
         while True:
             try:
                 kwargs = {"since": int(since)} if since is not None else {}
                 for chunk in client.api.logs(t.id, stdout=True, stderr=True, stream=True,
                                              follow=True, **kwargs):
-                    os.write(fd, chunk)
+                    for notice in sink.write(chunk):  # a full disk drops, and says so
+                        self._notify(notice)
             except docker.errors.NotFound:
                 return (None, "the container was removed")
             except (docker.errors.APIError, requests.RequestException):
@@ -255,6 +266,13 @@ class ContainerRuntime(Runtime):
             if not state.get("Running") and state.get("Status") != "paused":
                 return self._outcome(t, state)
             since = time.time()  # the stream broke while it runs: follow again
+
+    def _notify(self, notice: dict[str, Any]) -> None:
+        """From the output thread: hand a log notice to the engine's loop."""
+        loop, handler = self._loop, self.on_notice
+        if loop is not None and handler is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(handler, notice)
 
     def _outcome(self, t: _Tracked, state: dict[str, Any]) -> Result:
         code = exit_code(state.get("ExitCode"))

@@ -22,11 +22,12 @@ Swap (`LaunchSpec.swap_limit`, bytes beyond memory_limit; None = unlimited):
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 from collections.abc import Callable
 
-from shipyard.errors import RuntimeLaunchError
+from shipyard.errors import RuntimeLaunchError, TransientLaunchError
 
 log = logging.getLogger("shipyard.runtime.process")
 
@@ -103,6 +104,10 @@ def apply_cpuset(paths: list[str], version: int, cpuset: str | None,
 
 def _refused(path: str, cpuset: str | None, mems: str | None,
              exc: OSError) -> RuntimeLaunchError:
+    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EINTR):
+        # not a refusal: the control plane is short of something that may come back
+        return TransientLaunchError(f"cannot set up the cpuset of {path}: "
+                                    f"{exc.strerror or exc}")
     parent = os.path.dirname(path)
     allowed = "?"
     with contextlib.suppress(OSError):

@@ -1,5 +1,6 @@
 """The process runtime: every instance is a local process in its own session, with its
-output appended to a log file it writes itself, and, where the host allows, in its own
+output appended to a log file (by the home's log relay, runtime/logpipe.py, when the
+runtime has one; else by the instance itself), and, where the host allows, in its own
 cgroup (limits, complete kill, OOM accounting).
 
 Without permission to create cgroups it falls back to process groups and sessions, plus
@@ -28,6 +29,7 @@ from shipyard.runtime import procscan
 from shipyard.runtime.base import Handle, LaunchSpec, Runtime
 from shipyard.runtime.cgroups import TOP, CgroupMode, InstanceCgroup, detect, prune_empty
 from shipyard.runtime.limits import affinity_preexec
+from shipyard.runtime.logpipe import LogPipes
 from shipyard.runtime.spawn import (
     cgroup_joiner,
     check_workdir,
@@ -73,14 +75,17 @@ class ProcessRuntime(Runtime):
 
     def __init__(self, *, cgroups: CgroupMode = "auto", cgroup_parent: str | None = None,
                  cgroup_name: str | None = None, track_interval: float = 1.0,
-                 thread_join: bool = True) -> None:
+                 thread_join: bool = True, pipes: LogPipes | None = None) -> None:
         """`cgroups`: "auto" (v1 or v2, whichever the host has), "v1", "v2" or "off".
         `cgroup_parent`: the cgroup under which `shipyard/<stack>/<instance>` is made,
         relative to each hierarchy's root (default: the control plane's own cgroup).
         `cgroup_name`: the name of that top cgroup, distinct per Shipyard home (default:
         $SHIPYARD_CGROUP_NAME, else "shipyard").
         `thread_join` (v1): start children from a thread that visits their cgroup; False
-        always uses the fallback, a forked child joining it by a preexec_fn (slower)."""
+        always uses the fallback, a forked child joining it by a preexec_fn (slower).
+        `pipes`: carry output through the log relay (instances survive a full log disk
+        and a dead control plane); None: instances append to their log file directly."""
+        self.pipes = pipes
         top = cgroup_name or os.environ.get("SHIPYARD_CGROUP_NAME") or TOP
         self.cgroup_support = detect(cgroups, cgroup_parent, top=top)
         self.warning: str | None = None
@@ -94,6 +99,7 @@ class ProcessRuntime(Runtime):
         if self.warning:
             log.warning("%s", self.warning)
         self._children: dict[int, _Child] = {}
+        self._background: set[asyncio.Task[bool]] = set()
         self._finished: OrderedDict[tuple[int, float], tuple[int | None, str | None]] = (
             OrderedDict())
         self._procs = procscan.SharedScan(SCAN_TTL)
@@ -118,7 +124,12 @@ class ProcessRuntime(Runtime):
             raise RuntimeLaunchError(f"service {spec.service}: empty command")
         check_workdir(spec)
         executable = resolve_command(spec)
-        fd = open_log(spec)
+        fifo: str | None = None
+        if self.pipes is None:
+            fd = open_log(spec)
+        else:
+            os.close(open_log(spec))  # the file exists and can be written: said now
+            fd, fifo = await self._open_pipe(spec)
         cgroup: InstanceCgroup | None = None
         try:
             cgroup = await self._make_cgroup(spec)
@@ -131,6 +142,8 @@ class ProcessRuntime(Runtime):
         except BaseException:
             if cgroup is not None:
                 await self._empty_cgroup(cgroup)
+            if fifo is not None and self.pipes is not None:
+                self.pipes.forget(fifo)
             raise
         finally:
             os.close(fd)
@@ -144,6 +157,9 @@ class ProcessRuntime(Runtime):
         marker = env_marker(spec.env)
         if marker:
             handle.extra["env_marker"] = marker
+        if fifo is not None:  # kept with the handle: re-adoption re-attaches the pipe
+            handle.extra.update(log_fifo=fifo, log_path=spec.log_path,
+                                log_rotate=f"{spec.log_max_bytes}:{spec.log_backups}")
         loop = asyncio.get_running_loop()
         child = _Child(popen, handle, cgroup, loop.create_future())
         self._children[popen.pid] = child
@@ -151,6 +167,17 @@ class ProcessRuntime(Runtime):
         if cgroup is None:
             self._tracker.track(handle)
         return handle
+
+    async def _open_pipe(self, spec: LaunchSpec) -> tuple[int, str]:
+        assert self.pipes is not None
+        try:
+            return await self.pipes.open(f"{spec.stack}.{spec.instance}", spec.log_path,
+                                         spec.log_max_bytes, spec.log_backups,
+                                         f"{spec.stack}/{spec.instance}")
+        except OSError as exc:
+            error = TransientLaunchError if exc.errno in TRANSIENT_ERRNOS else RuntimeLaunchError
+            raise error(f"service {spec.service}: cannot make the output pipe of "
+                        f"{spec.instance}: {exc.strerror or exc}") from exc
 
     async def _make_cgroup(self, spec: LaunchSpec) -> InstanceCgroup | None:
         support = self.cgroup_support
@@ -235,6 +262,8 @@ class ProcessRuntime(Runtime):
             with contextlib.suppress(OSError):
                 if child.cgroup.empty():
                     child.cgroup.remove()
+        if self.pipes is not None and "log_fifo" in child.handle.extra:
+            self.pipes.forget(child.handle.extra["log_fifo"])
         key = (child.handle.pid, child.handle.proc_start)
         self._finished[key] = (code, reason)
         if self._children.get(child.handle.pid) is child:
@@ -274,7 +303,18 @@ class ProcessRuntime(Runtime):
             return False
         if not handle.cgroup:
             self._tracker.track(handle)
+        if self.pipes is not None and "log_fifo" in handle.extra:
+            self._readopt_pipe(handle)
         return True
+
+    def _readopt_pipe(self, handle: Handle) -> None:
+        extra = handle.extra
+        max_bytes, _, backups = extra.get("log_rotate", "0:0").partition(":")
+        task = asyncio.get_running_loop().create_task(self.pipes.adopt(  # type: ignore[union-attr]
+            extra["log_fifo"], extra.get("log_path", os.devnull), int(max_bytes or 0),
+            int(backups or 0), f"{extra.get('stack', '')}/{handle.instance}"))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def exit_reason(self, handle: Handle) -> str | None:
         """Why the instance ended when its exit code does not say it: "oom-killed" when
@@ -447,6 +487,10 @@ class ProcessRuntime(Runtime):
         return removed
 
     async def close(self) -> None:
+        if self._background:
+            await asyncio.wait(self._background)
+        if self.pipes is not None:
+            await self.pipes.close()
         if self.cgroup_support.enabled:
             prune_empty(self.cgroup_support.bases)
         if self._spawner is not None:
