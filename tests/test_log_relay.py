@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from shipyard import Engine, EngineConfig
-from shipyard.runtime.logpipe import pipes_dir
+from shipyard.runtime.logpipe import LogPipes, pipes_dir
 from shipyard.spec.models import Stack
 from tests.conftest import PYTHON, pids_alive, port_range
 
@@ -82,6 +82,18 @@ def relay_pids(home: Path) -> list[int]:
     return [p for p in holders(str(home / "logs" / "relay.log")) if pids_alive([p])]
 
 
+@pytest.fixture(autouse=True)
+def no_leftovers(tmp_path: Path) -> Iterator[None]:
+    """Whatever a failed test left running from its tmp_path (chatty.py) is killed."""
+    yield
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(str(tmp_path) in arg for arg in proc.info["cmdline"] or []):
+                proc.kill()
+
+
 @pytest.fixture
 def small_logs(tmp_path: Path) -> Iterator[Path]:
     """home/logs on a 256 KiB tmpfs of its own (mounting needs root: skipped without)."""
@@ -136,8 +148,36 @@ async def test_output_of_an_instance_that_exits_at_once_is_kept(tmp_path: Path) 
             "command": ["/bin/sh", "-c", "echo said-before-exit; exit 3"], "restart": "no"}})
         await engine.apply(stack)
         log = engine.config.log_path("t", "quick-1")
-        await until(lambda: log.exists() and "said-before-exit" in log.read_text(),
-                    what="the line in the log")
+
+        async def exited() -> bool:
+            return any(e.kind == "instance.failed" and "exited 3" in e.message
+                       for e in await engine.store.list_events(stack="t"))
+
+        await until(exited, what="the instance to exit")  # (not stopped before its echo)
+    # the control plane closed at once: still the line is there, and the relay is gone
+    await until(lambda: log.exists() and "said-before-exit" in log.read_text(),
+                what="the line in the log")
+    await until(lambda: not relay_pids(tmp_path / "home"), what="the relay to exit")
+
+
+async def test_a_pipe_with_no_writer_left_is_finished_at_once(tmp_path: Path) -> None:
+    """A pipe re-attached after its instance and every holder are gone (epoll never
+    reports the hang-up of writers a reader did not see): the relay does not keep it,
+    and exits."""
+    home = tmp_path / "home"
+    pipes = LogPipes(home)
+    pipes.pipes_dir.mkdir(parents=True, exist_ok=True)
+    fifo = str(pipes.pipes_dir / "t.gone-1.0.fifo")
+    os.mkfifo(fifo, 0o600)
+    fd, live = await pipes.open("t.live-1", str(tmp_path / "live.log"), 0, 0, "t/live-1")
+    assert await pipes.adopt(fifo, str(tmp_path / "gone.log"), 0, 0, "t/gone-1")
+    await until(lambda: not os.path.exists(fifo), what="the dead pipe to be finished")
+    os.write(fd, b"still here\n")
+    os.close(fd)
+    pipes.forget(live)
+    await pipes.close()
+    await until(lambda: not relay_pids(home), what="the relay to exit")
+    assert (tmp_path / "live.log").read_text() == "still here\n"
 
 
 async def test_the_relay_killed_is_replaced_and_output_keeps_flowing(tmp_path: Path) -> None:
@@ -174,19 +214,24 @@ async def test_output_flows_while_no_control_plane_runs(tmp_path: Path) -> None:
         assert (await first.apply(stack)).ok
         [inst] = await first.instances("t")
         log = first.config.log_path("t", "chatty-1")
-    size = log.stat().st_size
-    # ~200 lines a second of 1 KiB: several times a pipe's 64 KiB while no one is connected
-    await until(lambda: log.stat().st_size > size + 300_000, what="output without a control"
-                " plane")
-    [relay] = relay_pids(home)
-    async with Engine(EngineConfig(home=home, stop_on_exit=True)) as second:
-        [again] = await second.instances("t")
-        assert again.pid == inst.pid and again.runtime["log_fifo"] == inst.runtime["log_fifo"]
+    try:
         size = log.stat().st_size
-        await until(lambda: log.stat().st_size > size + 10_000, what="output to go on")
-        assert relay_pids(home) == [relay]
-        await second.down("t")
-    assert pids_alive([inst.pid]) == []
+        # ~200 lines a second of 1 KiB: several times a pipe's 64 KiB with no one connected
+        await until(lambda: log.stat().st_size > size + 300_000,
+                    what="output without a control plane")
+        [relay] = relay_pids(home)
+        async with Engine(EngineConfig(home=home, stop_on_exit=True)) as second:
+            [again] = await second.instances("t")
+            assert again.pid == inst.pid
+            assert again.runtime["log_fifo"] == inst.runtime["log_fifo"]
+            size = log.stat().st_size
+            await until(lambda: log.stat().st_size > size + 10_000, what="output to go on")
+            assert relay_pids(home) == [relay]
+            await second.down("t")
+        assert pids_alive([inst.pid]) == []
+    finally:  # a failure above must not leave the instance running
+        if inst.pid is not None and pids_alive([inst.pid]):
+            os.kill(inst.pid, signal.SIGKILL)
     await until(lambda: not relay_pids(home), what="the relay to exit")
     assert os.listdir(pipes_dir(home)) == []
 
@@ -198,14 +243,14 @@ async def test_the_relay_rotates_the_logs_it_writes(tmp_path: Path) -> None:
         assert (await engine.apply(make_stack(tmp_path, {"chatty": chatty(tmp_path)}))).ok
         log = engine.config.log_path("t", "chatty-1")
         await until(lambda: Path(f"{log}.2").exists(), what="two rotations")
-        assert not Path(f"{log}.3").exists()
-        for path in (Path(f"{log}.1"), Path(f"{log}.2")):
-            assert 50_000 < path.stat().st_size < 50_000 + 2_000
-        # no line is lost or cut across a rotation
-        lines = (Path(f"{log}.2").read_text() + Path(f"{log}.1").read_text()).splitlines()
-        numbers = [int(line.split()[1]) for line in lines]
-        assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
         await engine.down("t")
+    assert not Path(f"{log}.3").exists()
+    for path in (Path(f"{log}.1"), Path(f"{log}.2")):
+        assert 50_000 < path.stat().st_size < 50_000 + 2_000
+    # no line is lost or cut across a rotation
+    lines = "".join(Path(p).read_text() for p in (f"{log}.2", f"{log}.1", log)).splitlines()
+    numbers = [int(line.split()[1]) for line in lines]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
 
 
 def test_the_sink_drops_on_a_full_disk_and_says_how_much(small_logs: Path) -> None:

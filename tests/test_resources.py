@@ -68,6 +68,20 @@ def test_port_is_free_sees_listeners_and_bound_sockets(held: int) -> None:
         wildcard.close()
 
 
+def test_port_is_free_sees_a_port_held_on_ipv6_only() -> None:
+    try:
+        v6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        v6.bind(("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    try:
+        v6.listen()
+        port = v6.getsockname()[1]
+        assert not port_is_free(port)
+    finally:
+        v6.close()
+
+
 def test_allocate_distinct_ports_in_range() -> None:
     alloc = PortAllocator(23100, 23139)
     ports = [alloc.allocate(f"svc-{i}") for i in range(20)]

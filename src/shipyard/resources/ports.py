@@ -15,27 +15,39 @@ The allocator is not thread-safe; it belongs to the engine's event loop.
 
 from __future__ import annotations
 
+import errno
 import socket
-
-import psutil
 
 from shipyard.errors import ResourceError
 
 # Where a server may bind: the wildcard address and loopback. Binding the wildcard fails
 # on Linux when anyone holds the port on any IPv4 address; loopback is checked as well for
 # systems (the BSDs, macOS) where a specific address may shadow a wildcard bind.
-_CHECK_ADDRESSES = ("0.0.0.0", "127.0.0.1")
+# The IPv6 wildcard (v6 only: v4 is checked above) catches a port held on ::1 or any other
+# IPv6 address; a host without IPv6 skips it.
+_CHECK_ADDRESSES = ("0.0.0.0", "127.0.0.1", "::")
+_NO_IPV6 = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT)
 
 
 def port_is_free(port: int, hosts: tuple[str, ...] = _CHECK_ADDRESSES) -> bool:
     """Whether a TCP server could bind `port` now, on every one of `hosts`."""
     for host in hosts:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        v6 = ":" in host
+        try:
+            sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET,
+                                 socket.SOCK_STREAM)
+        except OSError as exc:
+            if v6 and exc.errno in _NO_IPV6:
+                continue
+            raise
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if v6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((host, port))
-        except OSError:
+        except OSError as exc:
+            if v6 and exc.errno in _NO_IPV6:
+                continue
             return False
         finally:
             sock.close()
@@ -45,6 +57,8 @@ def port_is_free(port: int, hosts: tuple[str, ...] = _CHECK_ADDRESSES) -> bool:
 def find_port_holder(port: int) -> str | None:
     """Who holds TCP `port` on this host, as "nginx (pid 1234)", or None when it cannot
     be known (nobody does, or the holder belongs to a user whose sockets we cannot see)."""
+    import psutil  # only here: a port taken by someone else is rare
+
     try:
         connections = psutil.net_connections(kind="tcp")
     except (psutil.AccessDenied, OSError):

@@ -19,7 +19,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import secrets
@@ -32,10 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shipyard.runtime.logrelay import decode, encode
+
 log = logging.getLogger("shipyard.runtime.logpipe")
 
 RELAY_SCRIPT = str(Path(__file__).with_name("logrelay.py"))
 PIPE_SIZE = 1 << 20
+ACK_WAIT = 5.0  # seconds close() waits for the relay to acknowledge the last pipes
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 Notice = dict[str, Any]
@@ -50,9 +52,7 @@ class Attach:
     key: str  # "stack/instance"
 
     def message(self) -> bytes:
-        return json.dumps({"op": "attach", "fifo": self.fifo, "log": self.log,
-                           "max_bytes": self.max_bytes, "backups": self.backups,
-                           "key": self.key}).encode() + b"\n"
+        return encode("attach", self.fifo, self.log, self.max_bytes, self.backups, self.key)
 
 
 def pipes_dir(home: Path) -> Path:
@@ -76,6 +76,20 @@ def pipes_dir(home: Path) -> Path:
     return home / "run" / "pipes"
 
 
+def _notice(fields: list[str]) -> Notice | None:
+    """A relay's line as a dict: {"ev": "attached"|"failed"|"dropped"|"resumed", ...}."""
+    match fields:
+        case ["attached", fifo]:
+            return {"ev": "attached", "fifo": fifo}
+        case ["failed", fifo, error]:
+            return {"ev": "failed", "fifo": fifo, "error": error}
+        case ["dropped", key, log, error]:
+            return {"ev": "dropped", "key": key, "log": log, "error": error}
+        case ["resumed", key, log, dropped] if dropped.isdigit():
+            return {"ev": "resumed", "key": key, "log": log, "dropped": int(dropped)}
+    return None
+
+
 def relay_address(home: Path | str) -> str:
     """The relay's abstract socket name for a home (a leading NUL: no file, no path
     length limit; only the relay's own uid is served)."""
@@ -97,6 +111,7 @@ class LogPipes:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._retrying: asyncio.Task[None] | None = None
+        self._acked: asyncio.Future[None] | None = None  # set at close: all acknowledged
         self._connecting: asyncio.Lock | None = None
         self._relay: subprocess.Popen[bytes] | None = None
         self._closed = False
@@ -242,8 +257,9 @@ class LogPipes:
     async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while line := await reader.readline():
-                with contextlib.suppress(ValueError):
-                    self._handle(json.loads(line))
+                notice = _notice(decode(line.rstrip(b"\n")))
+                if notice is not None:
+                    self._handle(notice)
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -264,6 +280,8 @@ class LogPipes:
             fd = self._held.pop(str(msg.get("fifo")), None)
             if fd is not None:
                 os.close(fd)
+            if not self._held and self._acked is not None and not self._acked.done():
+                self._acked.set_result(None)
             if ev == "failed":
                 log.warning("log relay cannot open %s: %s", msg.get("fifo"), msg.get("error"))
         elif self.on_notice is not None:
@@ -276,6 +294,11 @@ class LogPipes:
         """Disconnect; the relay goes on carrying the output of instances left running,
         and exits on its own once it has none."""
         self._closed = True
+        if self._held and self._writer is not None and not self._writer.is_closing():
+            # pipes the relay has not acknowledged yet: an instance that exited at once
+            # has its last words there only while someone holds the pipe open
+            self._acked = asyncio.get_running_loop().create_future()
+            await asyncio.wait([self._acked], timeout=ACK_WAIT)
         if self._writer is not None:
             self._writer.close()
         for task in (self._reader_task, self._retrying):

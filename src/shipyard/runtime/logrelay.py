@@ -17,36 +17,77 @@ control plane makes the listening socket (a Linux abstract unix socket: no path-
 limit) and hands it over as fd N, so it can connect before the relay has even started.
 Only connections from the relay's own uid are served.
 
-Protocol, one JSON object per line:
-- control plane → relay: {"op": "attach", "fifo", "log", "max_bytes", "backups", "key"}
-  (idempotent: an attached fifo is only acknowledged again);
-- relay → control plane: {"ev": "attached", "fifo"}; {"ev": "dropped", "key", "log",
-  "error"}; {"ev": "resumed", "key", "log", "dropped"}; {"ev": "failed", "fifo", "error"}.
+Protocol: one message per line, its fields separated by tabs (`encode`/`decode`: a
+backslash, tab or newline inside a field is escaped):
+- control plane → relay: `attach fifo log max_bytes backups key` (idempotent: an
+  attached fifo is only acknowledged again);
+- relay → control plane: `attached fifo`; `failed fifo error`; `dropped key log error`;
+  `resumed key log bytes`.
 Notices written while no control plane is connected are kept (the last 1,000) for the
 next one.
+
+It imports as little as it can (`_socket` and `select`, no json, selectors or
+contextlib): it runs for as long as instances do, so its memory counts (≈9 MiB RSS,
+most of it the interpreter's).
 
 A pipe is read until end of file: when the instance and every process that inherited
 its output have exited. The relay exits once it has no pipe and no connection left.
 """
 
+# contextlib costs the relay 0.6 MiB of memory for as long as instances run:
+# ruff: noqa: SIM105
+
 from __future__ import annotations
 
-import contextlib
+import _socket
 import errno
-import json
 import os
-import selectors
-import socket
-import struct
+import select
 import sys
 import time
-from collections import deque
-from typing import Any
 
 CHUNK = 64 * 1024
 READS_PER_WAKE = 16  # bounded work per pipe per wake-up: one chatty instance cannot starve
 NOTICES_KEPT = 1000
 STARTUP_GRACE = 5.0  # seconds to wait for a first connection before exiting idle
+_ESCAPES = (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"))
+
+
+def encode(*fields: object) -> bytes:
+    """One protocol line."""
+    out = []
+    for field in fields:
+        text = str(field)
+        for raw, escaped in _ESCAPES:
+            text = text.replace(raw, escaped)
+        out.append(text)
+    return ("\t".join(out) + "\n").encode("utf-8", "surrogateescape")
+
+
+def decode(line: bytes) -> list[str]:
+    """The fields of one protocol line (without its newline)."""
+    fields = []
+    for text in line.decode("utf-8", "surrogateescape").split("\t"):
+        if "\\" in text:
+            chars, i = [], 0
+            while i < len(text):
+                c = text[i]
+                if c == "\\" and i + 1 < len(text):
+                    i += 1
+                    c = {"t": "\t", "n": "\n"}.get(text[i], text[i])
+                chars.append(c)
+                i += 1
+            text = "".join(chars)
+        fields.append(text)
+    return fields
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None and fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 class Sink:
@@ -71,20 +112,18 @@ class Sink:
         self.size = os.fstat(self.out).st_size
 
     def close(self) -> None:
-        for fd in (self.fd, self.out):
-            if fd is not None and fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        _close(self.fd)
+        _close(self.out)
         self.out = None
 
-    def write(self, data: bytes) -> list[dict[str, Any]]:
+    def write(self, data: bytes) -> list[dict[str, object]]:
         """Append `data` to the log; the notices this caused (a drop starting, or ending
-        with this write)."""
-        notices: list[dict[str, Any]] = []
+        with this write): {"ev": "dropped", "key", "log", "error"} and {"ev": "resumed",
+        "key", "log", "dropped": bytes}."""
+        notices: list[dict[str, object]] = []
         try:
             if self.out is None:
                 self.open_log()
-            assert self.out is not None
             if self.error is not None:  # writable again: say what was lost, then go on
                 marker = (f"[shipyard] {self.dropped} bytes of output dropped: "
                           f"{self.error}\n").encode()
@@ -100,10 +139,8 @@ class Sink:
                 notices.append({"ev": "dropped", "key": self.key, "log": self.log,
                                 "error": self.error})
             self.dropped += left
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) and self.out is not None:
-                # the file may be gone or broken: reopen it next time
-                with contextlib.suppress(OSError):
-                    os.close(self.out)
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                _close(self.out)  # the file may be gone or broken: reopen it next time
                 self.out = None
             return notices
         if self.max_bytes > 0 and self.size > self.max_bytes:
@@ -132,105 +169,114 @@ class Sink:
                 os.ftruncate(self.out, 0)
                 self.size = 0
                 return
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{self.log}.{self.backups}")
-            for n in range(self.backups - 1, 0, -1):
-                with contextlib.suppress(FileNotFoundError):
-                    os.replace(f"{self.log}.{n}", f"{self.log}.{n + 1}")
+            for n in range(self.backups, 0, -1):
+                try:
+                    if n == self.backups:
+                        os.unlink(f"{self.log}.{n}")
+                    else:
+                        os.replace(f"{self.log}.{n}", f"{self.log}.{n + 1}")
+                except FileNotFoundError:
+                    pass
             os.replace(self.log, f"{self.log}.1")
         except OSError:
             return  # keep writing to the current file; tried again after the next write
-        if self.out is not None:
-            with contextlib.suppress(OSError):
-                os.close(self.out)
+        _close(self.out)
         self.out = None
-        with contextlib.suppress(OSError):
+        try:
             self.open_log()
+        except OSError:
+            pass  # reopened by the next write, or dropped with a notice
 
 
 class Relay:
-    def __init__(self, listener: socket.socket) -> None:
+    def __init__(self, listener: _socket.socket) -> None:
         self.listener = listener
         self.uid = os.getuid()
-        self.sel = selectors.DefaultSelector()
+        self.poll = select.epoll()
         listener.setblocking(False)
-        self.sel.register(listener, selectors.EVENT_READ, None)
-        self.clients: dict[socket.socket, bytearray] = {}
+        self.poll.register(listener.fileno(), select.EPOLLIN)
+        self.clients: dict[int, tuple[_socket.socket, bytearray]] = {}
         self.sinks: dict[str, Sink] = {}
-        self.pending: deque[dict[str, Any]] = deque(maxlen=NOTICES_KEPT)
+        self.by_fd: dict[int, Sink] = {}
+        self.pending: list[bytes] = []
         self.had_client = False
         self.started = time.monotonic()
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> None:
+        lfd = self.listener.fileno()
         while True:
             idle = not self.sinks and not self.clients
             if idle and (self.had_client or time.monotonic() - self.started > STARTUP_GRACE):
                 return
-            for key, _ in self.sel.select(timeout=1.0 if idle else None):
-                target = key.data
-                if target is None:
-                    self.accept()
-                elif isinstance(target, Sink):
-                    self.pump(target)
-                else:
-                    self.receive(key.fileobj)  # type: ignore[arg-type]
+            try:
+                events = self.poll.poll(1.0 if idle else -1)
+            except InterruptedError:
+                continue
+            for fd, _ in events:
+                try:
+                    if fd == lfd:
+                        self.accept()
+                    elif fd in self.by_fd:
+                        self.pump(self.by_fd[fd])
+                    elif fd in self.clients:
+                        self.receive(fd)
+                except Exception as exc:  # a bug must not stop every other pipe
+                    print(f"log relay: {type(exc).__name__}: {exc} (fd {fd})",
+                          file=sys.stderr, flush=True)
+                    self.drop_client(fd)
 
     def accept(self) -> None:
         try:
-            conn, _ = self.listener.accept()
+            fd, _ = self.listener._accept()
         except OSError:
             return
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", creds)
-        if uid != self.uid:
+        conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, fd)
+        creds = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
+        if int.from_bytes(creds[4:8], sys.byteorder) != self.uid:  # struct ucred's uid
             conn.close()
             return
-        conn.setblocking(True)  # replies are small; a full buffer means a stuck client
-        conn.settimeout(5.0)
-        self.clients[conn] = bytearray()
+        conn.settimeout(5.0)  # replies are small; a full buffer means a stuck client
+        self.clients[fd] = (conn, bytearray())
         self.had_client = True
-        self.sel.register(conn, selectors.EVENT_READ, "client")
-        while self.pending:
-            if not self.send(conn, self.pending.popleft()):
-                break
+        self.poll.register(fd, select.EPOLLIN)
+        pending, self.pending = self.pending, []
+        for line in pending:
+            self.send(fd, line)
 
-    def receive(self, conn: socket.socket) -> None:
+    def receive(self, fd: int) -> None:
+        conn, buf = self.clients[fd]
         try:
             data = conn.recv(CHUNK)
         except OSError:
             data = b""
         if not data:
-            self.drop_client(conn)
+            self.drop_client(fd)
             return
-        buf = self.clients[conn]
         buf += data
         while (nl := buf.find(b"\n")) >= 0:
-            line = bytes(buf[:nl])
+            fields = decode(bytes(buf[:nl]))
             del buf[:nl + 1]
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(msg, dict) and msg.get("op") == "attach":
-                self.attach(conn, msg)
+            if fields[0] == "attach" and len(fields) == 6:
+                self.attach(fd, fields[1:])
 
-    def attach(self, conn: socket.socket, msg: dict[str, Any]) -> None:
-        fifo = str(msg.get("fifo", ""))
+    def attach(self, client: int, fields: list[str]) -> None:
+        fifo, log, max_bytes, backups, key = fields
         if fifo not in self.sinks:
             try:
                 fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError as exc:
-                self.send(conn, {"ev": "failed", "fifo": fifo,
-                                 "error": exc.strerror or str(exc)})
+                self.send(client, encode("failed", fifo, exc.strerror or exc))
                 return
-            sink = Sink(fifo, fd, str(msg.get("log", os.devnull)),
-                        int(msg.get("max_bytes", 0)), int(msg.get("backups", 0)),
-                        str(msg.get("key", "")))
+            sink = Sink(fifo, fd, log, int(max_bytes or 0), int(backups or 0), key)
             self.sinks[fifo] = sink
-            self.sel.register(fd, selectors.EVENT_READ, sink)
-        self.send(conn, {"ev": "attached", "fifo": fifo})
+            self.by_fd[fd] = sink
+            self.poll.register(fd, select.EPOLLIN)
+            # A pipe whose writers were all gone before this open never wakes epoll
+            # (Linux reports the hang-up only to readers that saw a writer): read it now,
+            # which also finishes it at once if it is already at its end.
+            self.pump(sink)
+        self.send(client, encode("attached", fifo))
 
     def pump(self, sink: Sink) -> None:
         for _ in range(READS_PER_WAKE):
@@ -241,46 +287,57 @@ class Relay:
             except OSError:
                 data = b""
             if not data:  # every writer is gone: the instance has ended
-                self.sel.unregister(sink.fd)
-                sink.close()
+                self.poll.unregister(sink.fd)
+                del self.by_fd[sink.fd]
                 del self.sinks[sink.fifo]
-                with contextlib.suppress(OSError):
+                sink.close()
+                try:
                     os.unlink(sink.fifo)
+                except OSError:
+                    pass
                 return
             for notice in sink.write(data):
-                self.notify(notice)
+                if notice["ev"] == "dropped":
+                    self.notify(encode("dropped", sink.key, sink.log, notice["error"]))
+                else:
+                    self.notify(encode("resumed", sink.key, sink.log, notice["dropped"]))
 
     # -- talking to control planes ---------------------------------------------------
-    def notify(self, notice: dict[str, Any]) -> None:
+    def notify(self, line: bytes) -> None:
         delivered = False
-        for conn in list(self.clients):
-            delivered = self.send(conn, notice) or delivered
+        for fd in list(self.clients):
+            delivered = self.send(fd, line) or delivered
         if not delivered:
-            self.pending.append(notice)
+            self.pending = [*self.pending[-(NOTICES_KEPT - 1):], line]
 
-    def send(self, conn: socket.socket, msg: dict[str, Any]) -> bool:
+    def send(self, fd: int, line: bytes) -> bool:
+        entry = self.clients.get(fd)
+        if entry is None:  # gone meanwhile
+            return False
         try:
-            conn.sendall(json.dumps(msg).encode() + b"\n")
+            entry[0].sendall(line)
         except OSError:
-            self.drop_client(conn)
+            self.drop_client(fd)
             return False
         return True
 
-    def drop_client(self, conn: socket.socket) -> None:
-        if conn in self.clients:
-            del self.clients[conn]
-            with contextlib.suppress(KeyError, ValueError):
-                self.sel.unregister(conn)
-            conn.close()
+    def drop_client(self, fd: int) -> None:
+        entry = self.clients.pop(fd, None)
+        if entry is not None:
+            try:
+                self.poll.unregister(fd)
+            except (KeyError, ValueError, OSError):
+                pass
+            entry[0].close()
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != "--fd":
         print("usage: logrelay.py --fd N (a listening unix socket)", file=sys.stderr)
         return 2
-    listener = socket.socket(fileno=int(argv[1]))
-    os.set_inheritable(listener.fileno(), False)
-    Relay(listener).run()
+    fd = int(argv[1])
+    os.set_inheritable(fd, False)
+    Relay(_socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, fd)).run()
     return 0
 
 
