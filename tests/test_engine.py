@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -256,16 +258,16 @@ async def test_supervisor_that_fails_resumes(engine: Engine, tmp_path: Path,
     stack = make_stack(tmp_path, {"a": svc(restart={"policy": "always", "initial": "50ms"})})
     assert (await engine.apply(stack)).ok
     first = (await engine.instances("t"))[0].pid
-    real = engine.store.put_instance
+    real = engine.store.record_instances  # what a supervisor's transitions go through
     calls = {"n": 0}
 
-    async def flaky(record: Any) -> None:
+    async def flaky(changes: Any) -> None:
         calls["n"] += 1
         if calls["n"] == 1:
             raise StoreError("injected: disk went away")
-        await real(record)
+        await real(changes)
 
-    monkeypatch.setattr(engine.store, "put_instance", flaky)
+    monkeypatch.setattr(engine.store, "record_instances", flaky)
     os.kill(first, 9)
     for _ in range(100):
         rec = (await engine.instances("t"))[0]
@@ -375,6 +377,37 @@ async def test_crash_loop_trips_the_circuit_then_a_trial_closes_it(
     text = generate_latest(engine.registry).decode()
     assert 'shipyard_circuit_state{kind="service",service="t/loop"} 0.0' in text
     assert rec["ok"].restarts == 0  # the rest of the stack was never touched
+
+
+async def test_giving_up_with_an_open_circuit_waits_for_its_trial(engine: Engine,
+                                                                   tmp_path: Path) -> None:
+    """After max_restarts the retries at the backoff cap still go through the circuit: an
+    open one holds them until its recovery timeout (one trial), not every `restart.max`.
+    The last exit code stays visible while the instance runs again."""
+    stack = make_stack(tmp_path, {"a": {
+        "command": [PY, "-c", "import time; time.sleep(0.2); raise SystemExit(4)"],
+        "restart": {"policy": "on-failure", "initial": "10ms", "max": "100ms",
+                    "max_restarts": 1},
+        "circuit_breaker": {"consecutive_failures": 2, "window": 0,
+                            "recovery_timeout": "1500ms"}}},
+        deploy={"rollback_on_failure": False})
+    await engine.submit(stack)
+    starts: list[float] = []
+    running_exit_codes = []
+    deadline = time.monotonic() + 6.0
+    while time.monotonic() < deadline:
+        recs = await engine.instances("t") if engine.stacks_state.get("t") else []
+        events = [e for e in await engine.store.list_events(stack="t")
+                  if e.kind == "instance.started"]
+        starts = [e.ts for e in events]
+        if recs and recs[0].state is InstanceState.READY and recs[0].restarts:
+            running_exit_codes.append(recs[0].exit_code)
+        await asyncio.sleep(0.05)
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    # the first restart within backoff; later ones held by the open circuit ~1.5 s each
+    assert len(starts) >= 3, gaps
+    assert all(gap >= 1.4 for gap in gaps[1:]), gaps
+    assert 4 in running_exit_codes
 
 
 async def test_giving_up_keeps_trying_at_the_backoff_cap(engine: Engine,

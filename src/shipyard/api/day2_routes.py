@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from shipyard.security.permissions import allow
+from shipyard.spec.base import MAX_REPLICAS
 
 if TYPE_CHECKING:
     from shipyard.engine.engine import Engine
@@ -17,8 +18,9 @@ if TYPE_CHECKING:
 class ScaleRequest(BaseModel):
     """Body of `POST /v1/stacks/{name}/services/{service}/scale`."""
 
-    replicas: int = Field(ge=0, description="instances to run; suspends autoscaling of the "
-                                            "service until resumed")
+    replicas: int = Field(ge=0, le=MAX_REPLICAS,
+                          description="instances to run; suspends autoscaling of the "
+                                      "service until resumed")
 
 
 def _engine(request: Request) -> Engine:

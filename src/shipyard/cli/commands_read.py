@@ -34,21 +34,40 @@ def ps(ctx: click.Context, output: str, stack: str | None) -> None:
 @click.option("--tail", "tail", metavar="N", type=click.IntRange(min=0), default=None,
               help="only the last N lines of each instance (default: all)")
 @STACK_OPTION
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text",
+              show_default=True,
+              help="lines prefixed with the instance, or one JSON object per line "
+                   "(stack, service, instance, line)")
 @click.pass_context
 def logs(ctx: click.Context, service: str | None, follow: bool, tail: int | None,
-         stack: str | None) -> None:
+         stack: str | None, output: str) -> None:
     """Instance logs of SERVICE (default: every service), merged and prefixed."""
     with Context.of(ctx).client() as client:
         name = pick_stack(client, stack)
+        services: dict[str, str] = {}
+        if output == "json":
+            services = {i["instance"]: i["service"] for i in client.instances(stack=name)}
+
+        def show(line: str) -> None:
+            click.echo(line if output == "text" else log_json(line, name, services))
+
         if follow:
             try:
                 for line in client.follow_logs(name, service, tail):
-                    click.echo(line)
+                    show(line)
             except KeyboardInterrupt:
                 return
         else:
             for line in client.logs(name, service, tail):
-                click.echo(line)
+                show(line)
+
+
+def log_json(line: str, stack: str, services: dict[str, str]) -> str:
+    """A log line as the server sends it ("instance | text", the name padded) as JSON."""
+    prefix, sep, text = line.partition(" | ")
+    instance = prefix.rstrip() if sep else None
+    return json.dumps({"stack": stack, "service": services.get(instance or ""),
+                       "instance": instance, "line": text if sep else line})
 
 
 @click.command()

@@ -14,11 +14,12 @@ from rich.table import Table
 from shipyard.cli.commands_read import STACK_OPTION
 from shipyard.cli.commands_spec import OUTPUT_OPTION
 from shipyard.cli.context import Context, pick_stack
+from shipyard.spec.base import MAX_REPLICAS
 
 
 @click.command()
 @click.argument("service")
-@click.argument("replicas", type=click.IntRange(min=0))
+@click.argument("replicas", type=click.IntRange(min=0, max=MAX_REPLICAS))
 @STACK_OPTION
 @click.pass_context
 def scale(ctx: click.Context, service: str, replicas: int, stack: str | None) -> None:

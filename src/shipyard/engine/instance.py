@@ -1,6 +1,7 @@
 """One instance's supervisor: it owns the instance's lifecycle (see InstanceState), launches
 it through the runtime, runs its probes, restarts it by its policy, and records every
-transition in the store (record + event in one transaction) before telling the engine."""
+transition in the store (record + event in one write, engine/transitions.py) before
+telling the engine."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from shipyard.engine.environment import instance_argv, instance_environment, instance_workdir
+from shipyard.engine.transitions import writer_for
 from shipyard.errors import ResourceError, RuntimeLaunchError, TransientLaunchError
 from shipyard.health.monitor import ProbeMonitor
 from shipyard.health.probes import ProbeResult
@@ -209,6 +211,10 @@ class InstanceSupervisor:
                             exit_code=code, ready=False, health="unknown")
             if not await self._sleep(policy.max):
                 return False
+            # an open circuit holds these retries too, until its trial (half-open)
+            if breaker is not None and not breaker.allow() \
+                    and not await self._wait_for_trial(breaker):
+                return False
         elif breaker is not None and not breaker.allow():
             await self._set(InstanceState.FAILED, f"{what}; {breaker.open_error().message}",
                             "instance.failed", exit_code=code, ready=False, health="unknown")
@@ -250,7 +256,8 @@ class InstanceSupervisor:
 
     async def _launch(self) -> Handle | None:
         eng, rec, svc = self.engine, self.record, self.service
-        await self._set(InstanceState.STARTING, "starting", None, pid=None, exit_code=None)
+        # exit_code stays: `ps` shows the last one of an instance that was restarted
+        await self._set(InstanceState.STARTING, "starting", None, pid=None)
         try:
             env = self._environment()
             assigned = eng.local.assign(self.stack, svc, rec.instance)  # CPU set, GPUs
@@ -438,14 +445,12 @@ class InstanceSupervisor:
         for key, value in fields.items():
             setattr(rec, key, value)
         rec.updated_at = time.time()
-        async with self.engine.store.transaction():
-            await self.engine.store.put_instance(rec)
-            if event is not None:
-                await self.engine.record_event(Event(
-                    kind=event, message=message, stack=rec.stack, service=rec.service,
-                    instance=rec.instance,
-                    data={"state": state.value, "pid": rec.pid, "exit_code": rec.exit_code},
-                ))
+        # the record and its event in one write, batched with the other instances'
+        # changes of this moment (engine/transitions.py: a `down` of many instances)
+        await writer_for(self.engine.store).write(rec, None if event is None else Event(
+            kind=event, message=message, stack=rec.stack, service=rec.service,
+            instance=rec.instance,
+            data={"state": state.value, "pid": rec.pid, "exit_code": rec.exit_code}))
         if state in TERMINAL and self.secrets.uses:  # its secret files go with it
             await asyncio.to_thread(self.secrets.remove)
         self.engine.notify()

@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
-
+from shipyard.prometheus import (  # not prometheus_client's exposition (see there)
+    Collector,
+    CollectorRegistry,
+    Counter,
+    GaugeMetricFamily,
+    Histogram,
+)
 from shipyard.state.base import InstanceState
 
 PROBE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)

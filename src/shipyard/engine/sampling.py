@@ -22,8 +22,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import psutil
-
 from shipyard.plan.autoscale import MetricSample
 from shipyard.plan.rollout import window_of
 from shipyard.spec.autoscale import AutoscalePolicy, MetricKind
@@ -31,6 +29,7 @@ from shipyard.state.base import InstanceState
 
 if TYPE_CHECKING:
     import httpx
+    import psutil
 
     from shipyard.engine.engine import Engine, StackState
 
@@ -102,6 +101,8 @@ class Sampler:
 
     # -- instances -----------------------------------------------------------------------
     def instances(self, state: StackState, service: str) -> list[InstanceUse]:
+        import psutil  # here: an engine that never samples (no autoscaling) never needs it
+
         out = []
         for sup in state.instances_of(service):
             rec = sup.record

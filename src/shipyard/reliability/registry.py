@@ -9,9 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
-
+from shipyard.prometheus import Collector, CounterMetricFamily, GaugeMetricFamily
 from shipyard.reliability.breaker import (
     BreakerConfig,
     ChangeListener,

@@ -16,8 +16,17 @@ CPU_PERIOD_US = 100_000  # the cfs period a cpu limit's quota is a share of
 
 
 def read_control(path: str) -> str:
-    with open(path) as f:
-        return f.read()
+    """A cgroup file's text, read with plain system calls: a text-mode open() costs
+    several times the read itself (buffer set-up, an fstat and an isatty ioctl), and
+    stopping an instance reads its cgroup.procs twice."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = [os.read(fd, 65536)]
+        while chunks[-1]:  # a large cgroup.procs comes a page or so at a time
+            chunks.append(os.read(fd, 65536))
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode()
 
 
 def subtree(path: str) -> list[str]:
@@ -43,8 +52,12 @@ class InstanceCgroup:
     """The cgroup of one instance: one directory per v1 hierarchy, or one v2 directory.
     Its string form (paths joined by ':') is what `Handle.cgroup` stores."""
 
-    def __init__(self, paths: Iterable[str]) -> None:
+    def __init__(self, paths: Iterable[str], *,
+                 controllers: frozenset[str] | None = None) -> None:
         self.paths = [p for p in paths if p]
+        # the controllers of its hierarchies when known (v1, made by CgroupSupport.create):
+        # without "memory" there is no OOM count to read; None (parsed, v2): look for it
+        self.controllers = controllers
         self.cpu_quota: tuple[str, str] | None = None  # v1: (cfs_quota_us file, quota set)
         self.cpuset_applied = False  # whether the cgroup pins the instance's CPUs
         self._removed = False
@@ -64,14 +77,6 @@ class InstanceCgroup:
     def procs_files(self) -> list[str]:
         """The files a process writes its pid to in order to join this cgroup."""
         return [os.path.join(p, "cgroup.procs") for p in self.paths]
-
-    def _dirs(self, paths: list[str] | None = None) -> list[str]:
-        """Every existing directory of the cgroup, deepest first (sub-cgroups that a
-        process of the instance may have created included)."""
-        out: list[str] = []
-        for path in self.paths if paths is None else paths:
-            out += subtree(path)
-        return out
 
     def _find(self, filename: str) -> str | None:
         """The control file `filename` in whichever hierarchy has it (cached: stat on
@@ -111,9 +116,17 @@ class InstanceCgroup:
         an instance's cgroup while it starts the instance, and cgroup.procs then lists
         the control plane (which nothing here may signal)."""
         found: set[int] = set()
+        if self._removed:  # a removed cgroup holds nothing (stop() asks once more)
+            return found
         # Every process of the instance is in its subtree in each hierarchy (it joined all
-        # of them before it ran), so one hierarchy tells them all: 4x less /sys reading.
-        for d in self._dirs(self.paths[:1]):
+        # of them before it ran), so one hierarchy tells them all: the first that exists
+        # (a leftover's paths name every hierarchy, whichever it was made in).
+        dirs: list[str] = []
+        for path in self.paths:
+            dirs = subtree(path)
+            if dirs:
+                break
+        for d in dirs:
             with contextlib.suppress(OSError):
                 found.update(int(x) for x in read_control(os.path.join(d, "cgroup.procs")).split())
         found.discard(os.getpid())
@@ -170,7 +183,10 @@ class InstanceCgroup:
                     self._set_frozen(False)
 
     def oom_kills(self) -> int:
-        """How many processes the kernel OOM-killed in this cgroup (0 if unknown)."""
+        """How many processes the kernel OOM-killed in this cgroup (0 if unknown, or
+        when it is not in a memory cgroup of its own: see runtime/cgroups)."""
+        if self.controllers is not None and "memory" not in self.controllers:
+            return 0
         names = ("memory.events", "memory.oom_control")
         if len(self.paths) > 1:  # v1 (a directory per hierarchy): its file first
             names = names[::-1]
@@ -189,20 +205,29 @@ class InstanceCgroup:
         if self._removed:
             return True
         ok = True
-        for d in self._dirs():
-            try:
-                os.rmdir(d)
+        for path in self.paths:
+            try:  # usually a leaf: one rmdir, no look inside first
+                os.rmdir(path)
+                continue
             except FileNotFoundError:
+                continue
+            except OSError:
                 pass
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    ok = False
+            for d in subtree(path):  # sub-cgroups a process of it made, deepest first
+                try:
+                    os.rmdir(d)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    if exc.errno != errno.ENOENT:
+                        ok = False
         if ok:
             self._removed = True
-            with contextlib.suppress(OSError):  # other instances still there: leave it
-                if os.stat(os.path.dirname(self.paths[0])).st_nlink > 2:
-                    return ok
+            # The stack directory of each hierarchy, when empty (its link count is 2):
+            # instances of the stack need not share every hierarchy (runtime/cgroups).
             for path in self.paths:
+                stack_dir = os.path.dirname(path)
                 with contextlib.suppress(OSError):
-                    os.rmdir(os.path.dirname(path))  # the stack dir, when empty
+                    if os.stat(stack_dir).st_nlink <= 2:
+                        os.rmdir(stack_dir)
         return ok

@@ -4,8 +4,23 @@ Layout: `<base>/shipyard/<stack>/<instance>` where `<base>` is, in each hierarch
 cgroup of the control plane itself (or `parent` when given, relative to the hierarchy
 root). cgroup v1 uses the memory, cpu, cpuset, pids and freezer hierarchies that are
 mounted; v2 uses one directory with memory.max, cpu.max, the cpuset and pids controllers
-when they can be enabled (cpusets and swap: runtime/limits.py). Everything here is
-synchronous file I/O on cgroupfs (fast, no blocking waits); waiting is left to the caller.
+when they can be enabled (cpusets and swap: runtime/limits.py).
+
+cgroup v1: an instance gets a directory only in the hierarchies it needs
+(`CgroupSupport.select`): pids and freezer always (they list its processes and stop
+them all at once, forks included), memory only with a memory limit, cpu only with a cpu
+limit, cpuset only when it is pinned. In the others it stays where the control plane is,
+which the cgroups made here would only have copied (unlimited children of our own
+cgroup). Each directory is a mkdir at start and an rmdir at stop, so a plain instance
+costs two of each instead of five. OOM kills are read from memory.oom_control, so on v1
+an instance without a memory limit has no OOM count: a host-wide OOM kill of it shows
+as its SIGKILL exit (-9) without the "oom-killed" reason (it has no limit of its own to
+exceed; a limited instance, and every v2 instance, still report it). The recorded
+`Handle.cgroup` lists exactly the directories made, so a restarted control plane finds
+and empties them.
+
+Everything here is synchronous file I/O on cgroupfs (fast, no blocking waits); waiting
+is left to the caller.
 """
 
 from __future__ import annotations
@@ -28,6 +43,7 @@ CgroupMode = Literal["auto", "v1", "v2", "off"]
 
 V1_CONTROLLERS = ("memory", "cpu", "cpuset", "pids", "freezer")
 V2_CONTROLLERS = ("memory", "cpu", "cpuset", "pids")
+V1_ALWAYS = frozenset({"pids", "freezer"})  # every v1 instance: listing, freezing, killing
 LIMITS = ("memory", "cpu")  # the controllers needed to enforce LaunchSpec limits
 TOP = "shipyard"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -100,6 +116,17 @@ def member_dirs(mounts: list[Mount], proc_cgroup: str) -> list[str] | None:
     return out
 
 
+def mount_index(mounts: list[Mount], path: str) -> int | None:
+    """The index in `mounts` of the hierarchy that cgroup directory `path` is in (the
+    mount point it is under; the longest, should one be inside another)."""
+    best, length = None, -1
+    for i, mount in enumerate(mounts):
+        point = mount.mountpoint.rstrip("/")
+        if (path == point or path.startswith(point + "/")) and len(point) > length:
+            best, length = i, len(point)
+    return best
+
+
 def _hierarchy_dir(mount: Mount, cg_path: str, parent: str | None) -> str:
     if parent is not None:
         return os.path.join(mount.mountpoint, parent.strip("/"))
@@ -111,10 +138,6 @@ def _hierarchy_dir(mount: Mount, cg_path: str, parent: str | None) -> str:
     if rel.startswith("/.."):
         rel = ""
     return os.path.join(mount.mountpoint, rel.strip("/"))
-
-
-
-
 
 
 @dataclass
@@ -132,8 +155,34 @@ class CgroupSupport:
     def enabled(self) -> bool:
         return self.version in (1, 2) and bool(self.bases)
 
-    def instance_paths(self, stack: str, instance: str) -> list[str]:
-        return [os.path.join(b, safe_name(stack), safe_name(instance)) for b in self.bases]
+    def instance_paths(self, stack: str, instance: str,
+                       hierarchies: list[int] | None = None) -> list[str]:
+        """The instance's directory in each base (or in the bases `hierarchies` index)."""
+        bases = self.bases if hierarchies is None else [self.bases[i] for i in hierarchies]
+        return [os.path.join(b, safe_name(stack), safe_name(instance)) for b in bases]
+
+    def controllers(self, index: int) -> frozenset[str]:
+        """The controllers of base `index` (v1: those of its hierarchy)."""
+        if self.version != 1 or index >= len(self.mounts):
+            return frozenset(V2_CONTROLLERS if self.version == 2 else V1_CONTROLLERS)
+        return frozenset(c for c in V1_CONTROLLERS if c in self.mounts[index].options)
+
+    def select(self, cpu_limit: float, memory_limit: int, pinned: bool) -> list[int]:
+        """The bases an instance with these limits gets a directory in (indexes, in base
+        order): v2 its one hierarchy; v1 pids and freezer, plus memory, cpu and cpuset
+        when it has a memory limit, a cpu limit, a pin (or at least the first hierarchy,
+        where neither pids nor freezer is mounted and nothing else is wanted)."""
+        if self.version != 1:
+            return list(range(len(self.bases)))
+        wanted = set(V1_ALWAYS)
+        if memory_limit > 0:
+            wanted.add("memory")
+        if cpu_limit > 0:
+            wanted.add("cpu")
+        if pinned:
+            wanted.add("cpuset")
+        chosen = [i for i in range(len(self.bases)) if self.controllers(i) & wanted]
+        return chosen or [0]
 
     def stack_dirs(self, stack: str) -> list[str]:
         return [os.path.join(b, safe_name(stack)) for b in self.bases]
@@ -141,10 +190,13 @@ class CgroupSupport:
     def create(self, stack: str, instance: str, cpu_limit: float, memory_limit: int, *,
                swap_limit: int | None = None, cpuset: str | None = None,
                mems: str | None = None) -> InstanceCgroup:
-        """Create the (empty) cgroup of an instance and apply its limits. A leftover
-        directory must have been emptied and removed by the caller first. Raises
-        RuntimeLaunchError (after removing it) when the kernel refuses the cpuset."""
-        paths = self.instance_paths(stack, instance)
+        """Create the (empty) cgroup of an instance, in the hierarchies it needs (see
+        `select`), and apply its limits. A leftover directory must have been emptied and
+        removed by the caller first. Raises RuntimeLaunchError (after removing it) when
+        the kernel refuses the cpuset."""
+        chosen = self.select(cpu_limit, memory_limit, bool(cpuset or mems))
+        paths = self.instance_paths(stack, instance, chosen)
+        controllers = frozenset().union(*(self.controllers(i) for i in chosen))
         for attempt in range(3):
             try:
                 for path in paths:
@@ -165,12 +217,14 @@ class CgroupSupport:
             except FileNotFoundError:  # a concurrent stop() removed the stack directory
                 if attempt == 2:
                     raise
-        cg = InstanceCgroup(paths)
-        try:
-            cg.cpuset_applied = apply_cpuset(paths, self.version, cpuset, mems)
-        except Exception:
-            cg.remove()
-            raise
+        # v1: what it is in (and so what it may own); v2: unknown (controllers enabled)
+        cg = InstanceCgroup(paths, controllers=controllers if self.version == 1 else None)
+        if "cpuset" in controllers:  # v1: a cpuset directory needs its cpus and mems
+            try:
+                cg.cpuset_applied = apply_cpuset(paths, self.version, cpuset, mems)
+            except Exception:
+                cg.remove()
+                raise
         cg.apply_limits(cpu_limit, memory_limit, swap_limit)
         return cg
 

@@ -9,8 +9,6 @@ import time
 from dataclasses import dataclass
 from functools import cache
 
-import psutil
-
 
 @dataclass(frozen=True)
 class ProcInfo:
@@ -28,7 +26,11 @@ class ProcInfo:
 
 @cache
 def _boot_and_ticks() -> tuple[float, int]:
-    return psutil.boot_time(), os.sysconf("SC_CLK_TCK")
+    """Boot time (the `btime` of /proc/stat, what psutil.boot_time() reads) and clock
+    ticks per second; read here, so that the runtime does not import psutil."""
+    with open("/proc/stat", "rb") as f:
+        btime = next(line for line in f if line.startswith(b"btime "))
+    return float(btime.split()[1]), os.sysconf("SC_CLK_TCK")
 
 
 def read_proc(pid: int) -> ProcInfo | None:

@@ -6,7 +6,10 @@ dedicated thread moves itself into the instance's cgroups, starts the child with
 subprocess.Popen (vfork + exec: no fork() copying the control plane's page tables, no
 Python code run in the child), and moves back, whatever happened. The child belongs to
 every hierarchy of its cgroup from its first instruction, as with a preexec_fn that
-joins before exec, and so does anything it forks.
+joins before exec, and so does anything it forks. An instance has a directory in only some
+of the hierarchies (runtime/cgroups: pids and freezer, plus those its limits need): the
+thread joins those (each path is matched to its mount), and in the others the child stays
+where the control plane is.
 
 Why a dedicated thread and never the event loop's (usually the main thread):
 - the memory cgroup's OOM killer chooses among the thread-group leaders found in the
@@ -36,7 +39,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from shipyard.runtime.cgroups import InstanceCgroup, Mount, member_dirs
+from shipyard.runtime.cgroups import InstanceCgroup, Mount, member_dirs, mount_index
 
 log = logging.getLogger("shipyard.runtime.process")
 
@@ -71,7 +74,7 @@ def _join(directory: str) -> None:
 class ThreadSpawner:
     """Runs launches on one dedicated thread that visits the instance's v1 cgroups.
 
-    `mounts`: the v1 hierarchies, in the order of an instance cgroup's paths."""
+    `mounts`: the v1 hierarchies (an instance cgroup's paths are each in one of them)."""
 
     def __init__(self, mounts: list[Mount]) -> None:
         self.mounts = list(mounts)
@@ -87,20 +90,35 @@ class ThreadSpawner:
         """`launch()` run by the spawner thread while it is in `cgroup`; its exceptions
         are raised here. None when the thread could not join the cgroup: nothing was
         launched, the caller may use a preexec_fn instead. Blocks until done."""
-        if self.disabled is not None or len(cgroup.paths) != len(self.mounts):
+        if self.disabled is not None:
+            return None
+        where = self.hierarchies(cgroup)
+        if where is None:
             return None
         if self._pool is None:
             # The worker thread is created by (and starts in the cgroups of) this thread.
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="shipyard-spawn")
         try:
-            return self._pool.submit(self._run, cgroup, launch).result()
+            return self._pool.submit(self._run, cgroup, where, launch).result()
         finally:
             if self._retire:  # it could not go back: let it end, the next one starts clean
                 self._pool.shutdown(wait=False)
                 self._pool = None
                 self._retire = False
 
-    def _run(self, cgroup: InstanceCgroup, launch: Launch) -> subprocess.Popen[bytes] | None:
+    def hierarchies(self, cgroup: InstanceCgroup) -> dict[int, str] | None:
+        """Mount index → the cgroup's directory in that hierarchy; None when a path is in
+        none of the mounts, or two are in one (not a cgroup made by CgroupSupport)."""
+        where: dict[int, str] = {}
+        for path in cgroup.paths:
+            i = mount_index(self.mounts, path)
+            if i is None or i in where:
+                return None
+            where[i] = os.path.normpath(path)
+        return where or None
+
+    def _run(self, cgroup: InstanceCgroup, where: dict[int, str],
+             launch: Launch) -> subprocess.Popen[bytes] | None:
         self.thread_id = threading.get_native_id()
         home = member_dirs(self.mounts, _read_self())
         if home is None:
@@ -115,7 +133,7 @@ class ThreadSpawner:
             log.debug("cgroups: cannot lift the cpu quota of %s: %s", cgroup, exc)
             return None
         try:
-            return self._inside(cgroup, home, launch)
+            return self._inside(cgroup, where, home, launch)
         finally:
             if quota is not None:
                 try:
@@ -124,30 +142,31 @@ class ThreadSpawner:
                     log.warning("cgroups: cannot set the cpu quota of %s back (%s): its cpu"
                                 " limit is not enforced", cgroup, exc)
 
-    def _inside(self, cgroup: InstanceCgroup, home: list[str],
+    def _inside(self, cgroup: InstanceCgroup, where: dict[int, str], home: list[str],
                 launch: Launch) -> subprocess.Popen[bytes] | None:
-        paths = cgroup.paths
+        order = [i for i in self._order if i in where]
         try:
             try:
-                for i in self._order:
-                    _join(paths[i])
+                for i in order:
+                    _join(where[i])
             except OSError as exc:
                 log.debug("cgroups: the spawner thread cannot join %s: %s", cgroup, exc)
                 return None
             child = launch()
             # Still there after the clone: the child was born inside. (Only someone moving
             # the whole control plane meanwhile could have taken the thread out.)
-            if member_dirs(self.mounts, _read_self()) != [os.path.normpath(p) for p in paths]:
+            now = member_dirs(self.mounts, _read_self())
+            if now is None or any(now[i] != path for i, path in where.items()):
                 log.error("cgroups: the spawner thread was moved out of %s while starting"
                           " pid %d; killing it and starting it again", cgroup, child.pid)
                 _kill(child)
                 return None
             return child
         finally:
-            self._go_home(home)
+            self._go_home(home, order)
 
-    def _go_home(self, home: list[str]) -> None:
-        for i in reversed(self._order):
+    def _go_home(self, home: list[str], order: list[int]) -> None:
+        for i in reversed(order):
             try:
                 _join(home[i])
             except OSError as exc:

@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from shipyard.spec.base import Model
+from shipyard.spec.base import MAX_REPLICAS, Model
 from shipyard.spec.units import parse_duration
 
 __all__ = [
@@ -270,8 +270,8 @@ class AutoscalePolicy(Model):
     spike or a dip shorter than the window moves nothing."""
 
     model_config = ConfigDict(**Model.model_config, json_schema_extra=_alias_properties)
-    min: int = Field(1, ge=0)
-    max: int = Field(ge=1)
+    min: int = Field(1, ge=0, le=MAX_REPLICAS)
+    max: int = Field(ge=1, le=MAX_REPLICAS)
     algorithm: Algorithm = Algorithm.PROPORTIONAL
     metrics: list[MetricTarget] = Field(min_length=1)
     tolerance: float = Field(0.1, ge=0, lt=1)

@@ -143,6 +143,16 @@ def show(value: Any, raw: str | None = None) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _value_at(data: Any, path: Path) -> Any:
+    for part in path:
+        in_dict = isinstance(data, dict) and part in data
+        in_list = isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data)
+        if not (in_dict or in_list):
+            return None
+        data = data[part]
+    return data
+
+
 def data_path(loc: tuple[Any, ...], data: Any, keep_last: bool) -> tuple[Path, bool]:
     """Map a pydantic loc onto the document; True if union branch names were skipped."""
     path: list[str | int] = []
@@ -185,7 +195,13 @@ def _message(error: ErrorDetails, path: Path, doc: Document) -> str:
     }
     if kind in bounds:
         words, key = bounds[kind]
-        return f"must be {words} {ctx.get(key)}, got {got}"
+        bound = ctx.get(key)
+        if isinstance(bound, float) and bound.is_integer():
+            bound = int(bound)  # `more than 0`, not `more than 0.0`
+        written = _value_at(doc.data, path)
+        if isinstance(written, str) and written != value:  # a unit: `0s`, not the 0.0 read
+            got = repr(written)
+        return f"must be {words} {bound}, got {got}"
     phrase = _expected_override(path) or _type_phrase(kind)
     if phrase:
         message = f"expected {phrase}, got {got}"

@@ -10,7 +10,7 @@ import copy
 import os
 import re
 from collections import ChainMap
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -27,7 +27,7 @@ from shipyard.spec.hardening import (
     secret_checks,
     truthy,
 )
-from shipyard.spec.interpolate import InterpolationError, resolve_now
+from shipyard.spec.interpolate import InterpolationError, resolve_now, variables_in
 from shipyard.spec.issues import data_path, did_you_mean, field_names, show, translate
 from shipyard.spec.models import Service, Stack
 from shipyard.spec.yamldoc import Document, Path, read_yaml
@@ -153,9 +153,11 @@ def _load(
             dotted = ".".join(str(p) for p in path)
             if not out.covered(Issue(dotted, message)):  # e.g. a failed ${...} in it
                 out.add(path, message, bad=False)
+    if stack is not None:
+        stack = _env_in_order(_with_env_files(stack, file_envs), out)
     if out.issues or stack is None:
         raise SpecError(_ordered(out.issues) or [Issue("", "invalid stack", file)])
-    return _with_env_files(stack, file_envs)
+    return stack
 
 
 def _ordered(issues: list[Issue]) -> list[Issue]:
@@ -222,6 +224,60 @@ def _with_env_files(stack: Stack, file_envs: dict[str, dict[str, str]]) -> Stack
     return stack.model_copy(update={"services": services})
 
 
+def _env_in_order(stack: Stack, out: _Collector) -> Stack:
+    """Each service's env with every value after the variables of the same env it refers to:
+    the engine expands them one by one, in order, per instance (`MSG: "level ${LEVEL}"`
+    above `LEVEL: debug` must still see `debug`). Variables that refer to each other in a
+    cycle are an error, reported here rather than when an instance starts."""
+    services = dict(stack.services)
+    for name, service in stack.services.items():
+        env = service.env
+        refs = {
+            key: [v for v in dict.fromkeys(variables_in(value)) if v in env and v != key]
+            for key, value in env.items()
+        }
+        if not any(refs.values()):
+            continue
+        order, cycle = _dependencies_first(list(env), refs)
+        if cycle:
+            out.add(("services", name, "env", cycle[0]),
+                    "variables of env refer to each other in a cycle: " + " → ".join(cycle),
+                    bad=False)
+        elif order != list(env):
+            services[name] = service.model_copy(update={"env": {k: env[k] for k in order}})
+    return stack.model_copy(update={"services": services})
+
+
+def _dependencies_first(
+    keys: list[str], refs: dict[str, list[str]]
+) -> tuple[list[str], list[str] | None]:
+    """`keys` reordered so that each comes after the keys it refers to, moving as little as
+    possible (an order that already works is kept); or the first cycle found, as a path
+    that ends where it starts."""
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: placed
+    for root in keys:
+        if root in state:
+            continue
+        path = [root]
+        todo = [iter(refs[root])]
+        state[root] = 1
+        while todo:
+            nxt = next(todo[-1], None)
+            if nxt is None:
+                done = path.pop()
+                todo.pop()
+                state[done] = 2
+                order.append(done)
+            elif state.get(nxt) == 1:
+                return order, [*path[path.index(nxt):], nxt]
+            elif nxt not in state:
+                state[nxt] = 1
+                path.append(nxt)
+                todo.append(iter(refs[nxt]))
+    return order, None
+
+
 def _dotenv(path: FsPath, environ: Mapping[str, str]) -> dict[str, str]:
     """The variables of the `.env` beside the stack file; `${VAR}` in it expand leniently
     (unset → empty), as in compose."""
@@ -276,10 +332,22 @@ class _ServiceScope:
             self.instance.update(f"{env_name(dep)}_{s}" for s in ("HOST", "PORT", "URL"))
         self.keep: set[str] = self.instance | set(own)
         uses = raw.get("secrets")  # their variables: refused in ${...} by hardening.py
+        self.secret_env: set[str] = set()
         if isinstance(uses, list):
-            self.keep.update(u["env"] for u in uses
-                             if isinstance(u, dict) and isinstance(u.get("env"), str))
-        self.all_services = all_services
+            self.secret_env.update(u["env"] for u in uses
+                                   if isinstance(u, dict) and isinstance(u.get("env"), str))
+        self.keep |= self.secret_env
+        self.all_services = [s for s in all_services if s != name]  # not its own name
+
+    def keeper(self, own_key: str | None) -> Callable[[str], bool]:
+        """Which names stay `${...}` in the value of env `own_key` (None: not an env value).
+
+        A variable's own name is not kept: `LEVEL: ${LEVEL}` (or `PATH: /x:${PATH}`) takes
+        the value the environment or `.env` has now, as in compose, not whatever the control
+        plane's environment holds when the instance starts (nor an error there)."""
+        if own_key is None or own_key in self.instance or own_key in self.secret_env:
+            return self.keep.__contains__
+        return lambda name: name != own_key and name in self.keep
 
     def hint(self, name: str, deferred: bool) -> str | None:
         if name in self.instance and not deferred:
@@ -299,6 +367,16 @@ class _ServiceScope:
                 if name == env_name(service) + suffix:
                     return f"undefined variable {name}: add {service} to depends_on to get it"
         return None
+
+
+def _env_key(rel: Path, text: str) -> str | None:
+    """The variable that `text` at `rel` (relative to the service) is the value of, if it
+    is an entry of `env`: `env.KEY`, or `env.N` holding `KEY=value`."""
+    if len(rel) != 2 or rel[0] != "env":
+        return None
+    if isinstance(rel[1], int):
+        return text.split("=", 1)[0] if "=" in text else None
+    return str(rel[1])
 
 
 def _deferred(rel: Path) -> bool:
@@ -330,7 +408,7 @@ def _interpolate(
             return resolve_now(
                 text,
                 variables.get,
-                keep=(scope.keep.__contains__ if scope else lambda name: False),
+                keep=(scope.keeper(_env_key(path[2:], text)) if scope else lambda name: False),
                 deferred=deferred,
                 hint=(lambda name: scope.hint(name, deferred)) if scope else lambda name: None,
             )

@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from shipyard.spec.autoscale import AutoscalePolicy
-from shipyard.spec.base import NAME_RE, Cpu, Duration, Model, Size
+from shipyard.spec.base import MAX_REPLICAS, NAME_RE, Cpu, Duration, Model, Size
 from shipyard.spec.container import Build, Entrypoint, Mount, PullPolicy
 from shipyard.spec.placement import PlacementPolicy
 from shipyard.spec.secrets import SecretSource, SecretUse, User
@@ -81,8 +81,9 @@ class Probe(Model):
     port: str | int | None = None  # for http: port name or number (default: first port)
     host: str = "127.0.0.1"
     scheme: Literal["http", "https"] = "http"
-    interval: Duration = 2.0
-    timeout: Duration = 1.0
+    # more than 0: an interval of 0 probes back to back, a timeout of 0 fails every probe
+    interval: Duration = Field(2.0, gt=0)
+    timeout: Duration = Field(1.0, gt=0)
     failure_threshold: int = Field(3, ge=1)
     success_threshold: int = Field(1, ge=1)
     initial_delay: Duration = 0.0
@@ -97,7 +98,9 @@ class Probe(Model):
     def _port_number(cls, value: Any) -> Any:
         # `port: ${DB_PORT}` arrives as the string "5432" after interpolation
         if isinstance(value, str) and value.strip().isdigit():
-            return int(value)
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return _port_range(value)
         return value
 
     @field_validator("http")
@@ -265,7 +268,7 @@ class Service(Model):
     workdir: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     env_file: list[str] = Field(default_factory=list)
-    replicas: int = Field(1, ge=0)
+    replicas: int = Field(1, ge=0, le=MAX_REPLICAS)
     depends_on: dict[str, Dependency] = Field(default_factory=dict)
     ports: dict[str, PortNumber | Literal["auto"]] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)

@@ -19,6 +19,7 @@ _SIZE_UNITS = {
     "mb": 10**6,
     "gb": 10**9,
     "tb": 10**12,
+    "pb": 10**15,
     "ki": 2**10,
     "mi": 2**20,
     "gi": 2**30,
@@ -28,11 +29,16 @@ _SIZE_UNITS = {
     "mib": 2**20,
     "gib": 2**30,
     "tib": 2**40,
+    "pib": 2**50,
 }
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
+# ASCII digits only (the JSON Schema's patterns say the same): float() alone would also
+# take `1_000`, `1e3`, `inf` and digits of other scripts
+_NUMBER = r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
 _SIZE_RE = re.compile(rf"^\s*{_NUMBER}\s*([a-zA-Z]*)\s*$")
-_DURATION_PART_RE = re.compile(rf"{_NUMBER}(ms|s|m|h|d)")
+_CPU_RE = re.compile(rf"^\s*((?:{_NUMBER[1:-1]})(?:[eE][+-]?[0-9]+)?)\s*(m?)\s*$")
+_PLAIN_RE = re.compile(rf"^\s*{_NUMBER}\s*$")
+_DURATION_PART_RE = re.compile(rf"{_NUMBER} *(ms|s|m|h|d) *")  # `1m 30s`, `5 s`
 
 
 def _finite_non_negative(value: float, what: str, text: object) -> float:
@@ -48,13 +54,11 @@ def parse_cpu(value: object) -> float:
     if isinstance(value, int | float):
         return _finite_non_negative(float(value), "cpu", value)
     if isinstance(value, str):
-        text = value.strip()
-        try:
-            if text.endswith("m"):
-                return _finite_non_negative(float(text[:-1]) / 1000.0, "cpu", value)
-            return _finite_non_negative(float(text), "cpu", value)
-        except ValueError:
-            pass
+        match = _CPU_RE.match(value)
+        if match:
+            cores = float(match.group(1)) / (1000.0 if match.group(2) else 1.0)
+            if not math.isinf(cores):
+                return cores
     raise ValueError(f"expected a CPU amount like 500m, 0.5 or 2, got {value!r}")
 
 
@@ -88,11 +92,10 @@ def parse_duration(value: object) -> float:
     if isinstance(value, int | float):
         return _finite_non_negative(float(value), "duration", value)
     if isinstance(value, str):
-        text = value.strip().replace(" ", "")
-        try:
-            return _finite_non_negative(float(text), "duration", value)
-        except ValueError:
-            pass
+        plain = _PLAIN_RE.match(value)
+        if plain:
+            return _finite_non_negative(float(plain.group(1)), "duration", value)
+        text = value.strip()
         pos, total = 0, 0.0
         for match in _DURATION_PART_RE.finditer(text):
             if match.start() != pos:
@@ -100,8 +103,8 @@ def parse_duration(value: object) -> float:
             total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
             pos = match.end()
         else:
-            if pos == len(text) and pos > 0:
-                return _finite_non_negative(total, "duration", value)
+            if pos == len(text) and pos > 0 and not math.isinf(total):
+                return total
     raise ValueError(f"expected a duration like 200ms, 5s or 2m, got {value!r}")
 
 

@@ -31,7 +31,7 @@ Semantics, and where they differ from SQLite's:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from shipyard.errors import NotFoundError
@@ -231,6 +231,24 @@ class EtcdStore(EtcdDatabase, StateStore):
 
     async def delete_instance(self, stack: str, instance: str) -> None:
         await self._write(self._delete_instance, stack, instance)
+
+    async def record_instances(
+            self, changes: Sequence[tuple[InstanceRecord, Event | None]]) -> None:
+        """Put the records and append their events in as few etcd transactions as they
+        fit in (two writes a change, and the event counter, within `max_txn_ops`), one
+        after the other, each atomic; inside `transaction()`, all in that one."""
+        per = max(1, (self._committer.max_ops - 2) // 2)
+        if self._tx() is not None:
+            per = max(len(changes), 1)
+        for start in range(0, len(changes), per):
+            await self._write(self._record_instances, changes[start:start + per])
+
+    async def _record_instances(
+            self, tx: TxState, changes: Sequence[tuple[InstanceRecord, Event | None]]) -> None:
+        for record, event in changes:
+            await self._put_instance(tx, record)
+            if event is not None:
+                await self._append_event(tx, event)
 
     async def _delete_instance(self, tx: TxState, stack: str, instance: str) -> None:
         tx.writes[self.keys.instance(stack, instance)] = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from shipyard.errors import NotFoundError
@@ -115,10 +115,34 @@ class SQLiteStore(SQLiteDatabase, StateStore):
         await self._write(self._put_child, q.PUT_INSTANCE, q.instance_row(record),
                           record.stack)
 
-    def _put_child(self, db: sqlite3.Connection, sql: str, row: tuple[Any, ...],
-                   stack: str) -> None:
+    async def record_instances(
+            self, changes: Sequence[tuple[InstanceRecord, Event | None]]) -> None:
+        """Put the records and append their events as one write (one savepoint in the
+        current batch: all of them, or none); sets each event's `seq`."""
+        if not changes:
+            return
+        rows = [q.instance_row(record) for record, _ in changes]
+        events = [event for _, event in changes if event is not None]
+        stacks = sorted({record.stack for record, _ in changes})
+        seqs = await self._write(self._record_instances, rows,
+                                 [q.event_row(e) for e in events], ", ".join(stacks))
+        for event, seq in zip(events, seqs, strict=True):
+            event.seq = seq
+
+    def _record_instances(self, db: sqlite3.Connection, rows: list[tuple[Any, ...]],
+                          event_rows: list[tuple[Any, ...]], stacks: str) -> list[int]:
+        with self._savepoint(db):
+            self._put_child(db, q.PUT_INSTANCE, rows, stacks, many=True)
+            seqs = [self._append_event(db, row) for row in event_rows]
+        return seqs
+
+    def _put_child(self, db: sqlite3.Connection, sql: str, row: Any,
+                   stack: str, *, many: bool = False) -> None:
         try:
-            db.execute(sql, row)
+            if many:
+                db.executemany(sql, row)
+            else:
+                db.execute(sql, row)
         except sqlite3.IntegrityError as exc:
             if "FOREIGN KEY" not in str(exc):
                 raise self._error(exc) from None

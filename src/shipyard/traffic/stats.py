@@ -11,12 +11,12 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import (
+from shipyard.prometheus import (
+    Collector,
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
 )
-from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from shipyard.traffic.router import Router
