@@ -5,7 +5,9 @@ statements and commits it made, and its RSS with the N instances idle before the
 Children: `/bin/sleep 3600` (`--kind sleep`), the same with a 64 MiB memory limit
 (`--kind memlimit`: a memory cgroup too, on cgroup v1), or the interpreter running this
 script with a SIGTERM handler (`--kind python`). Each repetition is a fresh engine (its
-own home), applied, left idle one second, then brought down.
+own home), applied, left idle one second, then brought down. The baseline, alternated with
+it in the same run: the same N children started by `subprocess.Popen`, then SIGTERM to
+each and `waitpid` of each (what stopping costs with no bookkeeping at all).
 
     .venv/bin/python bench/bench_down.py [--n 100] [--kind sleep] [--reps 7]
 """
@@ -15,7 +17,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -90,13 +94,30 @@ async def once(n: int, kind: str) -> Sample:
                   len(statements), commits, rss)
 
 
+def bare(n: int, kind: str) -> float:
+    """Seconds to SIGTERM and reap N children started with plain Popen."""
+    argv = _service(n, kind)["command"]
+    procs = [subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for _ in range(n)]
+    time.sleep(1.0)
+    t0 = time.perf_counter()
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        proc.wait()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--kind", choices=("sleep", "memlimit", "python"), default="sleep")
     parser.add_argument("--reps", type=int, default=7)
     args = parser.parse_args()
-    samples = [asyncio.run(once(args.n, args.kind)) for _ in range(args.reps)]
+    samples, baseline = [], []
+    for _ in range(args.reps):
+        baseline.append(bare(args.n, args.kind))
+        samples.append(asyncio.run(once(args.n, args.kind)))
 
     def med(values: list[float]) -> float:
         return statistics.median(values) * 1000
@@ -105,6 +126,9 @@ def main() -> None:
     print(f"engine.down() of {args.n} x {args.kind}, {args.reps} repetitions")
     print(f"  wall      median {med([s.wall for s in samples]):7.1f} ms  "
           f"(min {walls[0]:.1f}, max {walls[-1]:.1f})")
+    ratio = statistics.median(s.wall for s in samples) / statistics.median(baseline)
+    print(f"  baseline  median {med(baseline):7.1f} ms  (SIGTERM + waitpid of plain Popen "
+          f"children; engine ÷ baseline {ratio:.2f}x)")
     print(f"  CPU       median {med([s.user + s.system for s in samples]):7.1f} ms  "
           f"(user {med([s.user for s in samples]):.1f}, "
           f"system {med([s.system for s in samples]):.1f})")
