@@ -233,7 +233,7 @@ async def test_output_flows_while_no_control_plane_runs(tmp_path: Path) -> None:
         if inst.pid is not None and pids_alive([inst.pid]):
             os.kill(inst.pid, signal.SIGKILL)
     await until(lambda: not relay_pids(home), what="the relay to exit")
-    assert os.listdir(pipes_dir(home)) == []
+    assert not pipes_dir(home).exists()  # the relay removed the directory on its way out
 
 
 async def test_the_relay_rotates_the_logs_it_writes(tmp_path: Path) -> None:
@@ -328,3 +328,15 @@ async def test_output_keeps_flowing_across_a_kill_9_of_the_control_plane(
                if line.startswith("line ")]
     assert numbers == list(range(1, len(numbers) + 1))  # not a line lost
     await until(lambda: not relay_pids(home), what="the relay to exit")
+
+
+async def test_a_launch_that_fails_leaves_no_pipe(tmp_path: Path) -> None:
+    garbage = tmp_path / "not-a-program"  # executable bit, but no format exec knows
+    garbage.write_bytes(b"\x00\x01\x02\x03")
+    garbage.chmod(0o755)
+    home = tmp_path / "home"
+    async with Engine(EngineConfig(home=home, stop_on_exit=True)) as engine:
+        result = await engine.apply(make_stack(tmp_path, {"b": {
+            "command": [str(garbage)], "restart": "no"}}))
+        assert not result.ok and "Exec format error" in result.failed["b"]
+        assert not pipes_dir(home).exists() or os.listdir(pipes_dir(home)) == []

@@ -128,9 +128,12 @@ class LogPipes:
                    key: str) -> tuple[int, str]:
         """A new pipe for an instance: (an fd for the child's stdout and stderr, which the
         caller closes once the child has it, and the pipe's path for re-adoption)."""
-        self.pipes_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         fifo = str(self.pipes_dir / f"{fifo_name}.{secrets.token_hex(4)}.fifo")
-        os.mkfifo(fifo, 0o600)
+        try:
+            os.mkfifo(fifo, 0o600)
+        except FileNotFoundError:  # first pipe, or a relay leaving removed the directory
+            self.pipes_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.mkfifo(fifo, 0o600)
         try:
             fd = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)
             with contextlib.suppress(OSError):  # a host limit: keep the default 64 KiB
@@ -168,6 +171,16 @@ class LogPipes:
         except OSError:
             self._retry_soon()
         return True
+
+    def discard(self, fifo: str) -> None:
+        """A pipe whose instance never started: remove it now (a relay reading it already
+        finishes it at end of file, as always)."""
+        self._attached.pop(fifo, None)
+        fd = self._held.pop(fifo, None)
+        if fd is not None:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(fifo)
 
     def forget(self, fifo: str) -> None:
         """The instance has exited: the relay finishes its pipe on its own (end of file)

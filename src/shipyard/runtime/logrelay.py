@@ -199,6 +199,7 @@ class Relay:
         self.sinks: dict[str, Sink] = {}
         self.by_fd: dict[int, Sink] = {}
         self.pending: list[bytes] = []
+        self.dirs: set[str] = set()
         self.had_client = False
         self.started = time.monotonic()
 
@@ -208,6 +209,11 @@ class Relay:
         while True:
             idle = not self.sinks and not self.clients
             if idle and (self.had_client or time.monotonic() - self.started > STARTUP_GRACE):
+                for directory in self.dirs:  # the home's pipes directory, when empty
+                    try:
+                        os.rmdir(directory)
+                    except OSError:
+                        pass
                 return
             try:
                 events = self.poll.poll(1.0 if idle else -1)
@@ -268,6 +274,7 @@ class Relay:
             except OSError as exc:
                 self.send(client, encode("failed", fifo, exc.strerror or exc))
                 return
+            self.dirs.add(os.path.dirname(fifo))
             sink = Sink(fifo, fd, log, int(max_bytes or 0), int(backups or 0), key)
             self.sinks[fifo] = sink
             self.by_fd[fd] = sink

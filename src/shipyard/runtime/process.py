@@ -143,7 +143,7 @@ class ProcessRuntime(Runtime):
             if cgroup is not None:
                 await self._empty_cgroup(cgroup)
             if fifo is not None and self.pipes is not None:
-                self.pipes.forget(fifo)
+                self.pipes.discard(fifo)
             raise
         finally:
             os.close(fd)
