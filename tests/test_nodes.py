@@ -312,6 +312,8 @@ def test_place_on_two_agents_then_kill_9_moves_the_instances(cluster: Cluster) -
         assert rec.pid is not None and pids_alive([rec.pid]) == [rec.pid], name
         env = environ(rec.pid)
         assert env["SHIPYARD_NODE"] == where[name] and env["SHIPYARD_INSTANCE"] == name
+        # its output goes through the agent's log relay (a full disk drops, not fails)
+        assert os.readlink(f"/proc/{rec.pid}/fd/1") == rec.runtime["log_fifo"]
     ports = [records[w].ports["http"] for w in ("web-1", "web-2")]
     assert len(set(ports)) == 2
     on_a = sorted(n for n, node in where.items() if node == na)

@@ -47,10 +47,12 @@ from shipyard.agent.records import (
     store_connection,
 )
 from shipyard.agent.runner import NodeInstance
+from shipyard.engine.output import output_event
 from shipyard.errors import InputError, StoreError
 from shipyard.resources.capacity import HostCapacity, detect_host_capacity
 from shipyard.runtime import procscan
 from shipyard.runtime.base import Handle
+from shipyard.runtime.logpipe import LogPipes, Notice
 from shipyard.runtime.process import ProcessRuntime
 from shipyard.spec.models import Service
 from shipyard.state.base import Event
@@ -124,12 +126,15 @@ class Agent:
         self.cgroup_name = f"{base}-node-{node}"
         self.runtime: ProcessRuntime | None = None
         self.reaper: Reaper | None = None
+        self._notices: set[asyncio.Task[None]] = set()
 
     # -- the whole run ----------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.reaper = Reaper(self.cgroup_name)  # before any thread of the etcd client runs
-        self.runtime = ProcessRuntime(cgroup_name=self.cgroup_name)
+        # output through the log relay: a full log disk drops output, with an event
+        pipes = LogPipes(self.home, on_notice=self._on_log_notice)
+        self.runtime = ProcessRuntime(cgroup_name=self.cgroup_name, pipes=pipes)
         tasks: list[asyncio.Task[None]] = []
         try:
             await self.store.open()
@@ -151,6 +156,25 @@ class Agent:
                 with contextlib.suppress(BaseException):
                     await task
             await self._shutdown()
+
+    def _on_log_notice(self, notice: Notice) -> None:
+        event = output_event(notice, self._service_of, node=self.node)
+        if event is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._append(event))
+        self._notices.add(task)
+        task.add_done_callback(self._notices.discard)
+
+    async def _append(self, event: Event) -> None:
+        with contextlib.suppress(StoreError):
+            await self.store.append_event(event)
+
+    def _service_of(self, stack: str, instance: str) -> str | None:
+        for inst in self.instances.values():
+            a = inst.assignment
+            if a.stack == stack and a.instance == instance:
+                return a.service
+        return None
 
     async def _shutdown(self) -> None:
         if self.registered.is_set():  # (not another agent's record, when refused)

@@ -446,9 +446,14 @@ class Engine:
     def _on_log_notice(self, notice: Notice) -> None:
         """The log relay could not write an instance's output (a full disk...), or can
         again: an event either way (the instance keeps running meanwhile)."""
-        event = output_event(self, notice)
+        event = output_event(notice, self._service_of)
         if event is not None:
             self.emit_soon(event)
+
+    def _service_of(self, stack: str, instance: str) -> str | None:
+        state = self.stacks_state.get(stack)
+        sup = state.supervisors.get(instance) if state is not None else None
+        return sup.record.service if sup is not None else None
 
     def emit_soon(self, event: Event) -> None:
         """Record `event` from synchronous code (a callback): in a task of its own."""
