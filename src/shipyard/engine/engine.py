@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from shipyard.engine import handlers, recovery, revisions
+from shipyard.engine import handlers, output, recovery, revisions
 from shipyard.engine.autoscaler import Autoscaler
 from shipyard.engine.config import EngineConfig
 from shipyard.engine.dependencies import DependencyWatcher
@@ -26,7 +26,6 @@ from shipyard.engine.instance import InstanceSupervisor
 from shipyard.engine.local_resources import LocalResources
 from shipyard.engine.metrics import EngineMetrics
 from shipyard.engine.operations import OperationQueue, parse_priority
-from shipyard.engine.output import output_event
 from shipyard.engine.preflight import preflight
 from shipyard.engine.results import DeployResult, PlanReport
 from shipyard.engine.rollout import RolloutControl
@@ -38,8 +37,7 @@ from shipyard.reliability.registry import BreakerRegistry
 from shipyard.resources.ports import PortAllocator
 from shipyard.runtime.base import Runtime
 from shipyard.runtime.dispatch import DispatchRuntime
-from shipyard.runtime.logpipe import LogPipes, Notice
-from shipyard.runtime.logs import rotate_if_needed
+from shipyard.runtime.logpipe import LogPipes
 from shipyard.runtime.process import ProcessRuntime
 from shipyard.security.redact import redact_event
 from shipyard.spec.models import Stack
@@ -85,7 +83,7 @@ class Engine:
         digest = hashlib.sha1(str(self.config.home).encode()).hexdigest()[:8]
         # processes, and containers for services with an image (the container engine is
         # contacted on first use only)
-        pipes = (LogPipes(self.config.home, on_notice=self._on_log_notice)
+        pipes = (LogPipes(self.config.home, on_notice=partial(output.on_log_notice, self))
                  if self.config.log_relay else None)
         self.runtime: Runtime = runtime or DispatchRuntime(
             ProcessRuntime(cgroup_name=f"shipyard-{digest}", pipes=pipes),
@@ -126,7 +124,7 @@ class Engine:
         HTTP stack), which a stack of processes never needs in memory."""
         from shipyard.runtime.container import ContainerRuntime
 
-        return ContainerRuntime(self.config.home, on_notice=self._on_log_notice)
+        return ContainerRuntime(self.config.home, on_notice=partial(output.on_log_notice, self))
 
     async def __aenter__(self) -> Engine:
         await self.start()
@@ -156,7 +154,7 @@ class Engine:
         await self.ops.start()
         self._autoscaling = asyncio.create_task(self.autoscaler.run(), name="autoscaler")
         self.local.disk.start()
-        self._background = asyncio.create_task(self._reconcile_loop(), name="reconcile")
+        self._background = asyncio.create_task(output.rotate_logs(self), name="reconcile")
         self._watcher = asyncio.create_task(DependencyWatcher(self).run(), name="dependencies")
 
     async def close(self) -> None:
@@ -443,18 +441,6 @@ class Engine:
                       data={"breaker": breaker.name, "from": old.value, "to": new.value})
         self.emit_soon(event)
 
-    def _on_log_notice(self, notice: Notice) -> None:
-        """The log relay could not write an instance's output (a full disk...), or can
-        again: an event either way (the instance keeps running meanwhile)."""
-        event = output_event(notice, self._service_of)
-        if event is not None:
-            self.emit_soon(event)
-
-    def _service_of(self, stack: str, instance: str) -> str | None:
-        state = self.stacks_state.get(stack)
-        sup = state.supervisors.get(instance) if state is not None else None
-        return sup.record.service if sup is not None else None
-
     def emit_soon(self, event: Event) -> None:
         """Record `event` from synchronous code (a callback): in a task of its own."""
         task = asyncio.get_running_loop().create_task(self.record_event(event))
@@ -503,16 +489,3 @@ class Engine:
     async def _recover(self) -> None:
         """Resume from the store (engine/recovery.py)."""
         await recovery.recover(self)
-
-    async def _reconcile_loop(self) -> None:
-        """Level-triggered housekeeping: replace supervisors that vanished, rotate logs."""
-        while True:
-            await asyncio.sleep(self.config.reconcile_interval)
-            for state in list(self.stacks_state.values()):
-                for sup in list(state.supervisors.values()):
-                    if "log_fifo" in sup.record.runtime:  # the log relay rotates it
-                        continue
-                    path = self.config.log_path(state.stack.name, sup.name)
-                    with contextlib.suppress(OSError):
-                        rotate_if_needed(path, self.config.log_max_bytes,
-                                         self.config.log_backups)
