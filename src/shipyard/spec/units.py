@@ -35,9 +35,10 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 # ASCII digits only (the JSON Schema's patterns say the same): float() alone would also
 # take `1_000`, `1e3`, `inf` and digits of other scripts
 _NUMBER = r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
-_SIZE_RE = re.compile(rf"^\s*{_NUMBER}\s*([a-zA-Z]*)\s*$")
-_CPU_RE = re.compile(rf"^\s*((?:{_NUMBER[1:-1]})(?:[eE][+-]?[0-9]+)?)\s*(m?)\s*$")
-_PLAIN_RE = re.compile(rf"^\s*{_NUMBER}\s*$")
+# re.ASCII: \s is the ASCII whitespace the JSON Schema's patterns mean, not U+0085...
+_SIZE_RE = re.compile(rf"^\s*{_NUMBER}\s*([a-zA-Z]*)\s*$", re.ASCII)
+_CPU_RE = re.compile(rf"^\s*((?:{_NUMBER[1:-1]})(?:[eE][+-]?[0-9]+)?)\s*(m?)\s*$", re.ASCII)
+_PLAIN_RE = re.compile(rf"^\s*{_NUMBER}\s*$", re.ASCII)
 _DURATION_PART_RE = re.compile(rf"{_NUMBER} *(ms|s|m|h|d) *")  # `1m 30s`, `5 s`
 
 
@@ -95,7 +96,7 @@ def parse_duration(value: object) -> float:
         plain = _PLAIN_RE.match(value)
         if plain:
             return _finite_non_negative(float(plain.group(1)), "duration", value)
-        text = value.strip()
+        text = value.strip(" \t\n\r\f\v")
         pos, total = 0, 0.0
         for match in _DURATION_PART_RE.finditer(text):
             if match.start() != pos:
