@@ -24,6 +24,21 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+@pytest.fixture
+def shipyard(home: Path, tmp_path: Path) -> Iterator[Any]:
+    """The installed console script, run in tmp_path/project against `home`
+    (tests/test_cli.py's `Shipyard`); its server and instances are stopped at the end."""
+    from tests.test_cli import Shipyard
+
+    project = tmp_path / "project"
+    project.mkdir()
+    runner = Shipyard(home, project)
+    try:
+        yield runner
+    finally:
+        runner.cleanup()
+
+
 # Runtimes made without a cgroup name share one top cgroup; pruning the empty cgroups of
 # one test must not race another xdist worker's stack that is being created there.
 os.environ.setdefault("SHIPYARD_CGROUP_NAME",

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -253,17 +252,6 @@ def test_validate_reports_an_env_cycle_through_the_console_script(
 
 
 # --- shipyard logs -o json -----------------------------------------------------------------
-
-
-@pytest.fixture
-def shipyard(home: Path, tmp_path: Path) -> Iterator[Shipyard]:
-    project = tmp_path / "project"
-    project.mkdir()
-    runner = Shipyard(home, project)
-    try:
-        yield runner
-    finally:
-        runner.cleanup()
 
 
 def test_logs_as_json_lines(shipyard: Shipyard) -> None:

@@ -12,11 +12,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests.conftest import pids_alive
 
@@ -102,15 +99,6 @@ class Shipyard:
                 os.kill(left, signal.SIGKILL)
 
 
-@pytest.fixture
-def shipyard(home: Path, tmp_path: Path) -> Iterator[Shipyard]:
-    project = tmp_path / "project"
-    project.mkdir()
-    runner = Shipyard(home, project)
-    try:
-        yield runner
-    finally:
-        runner.cleanup()
 
 
 def wait_for(predicate: Any, timeout: float = 15, what: str = "condition") -> None:

@@ -26,11 +26,12 @@ import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shipyard.runtime.base import LaunchSpec
 from shipyard.runtime.logrelay import decode, encode
 
 log = logging.getLogger("shipyard.runtime.logpipe")
@@ -76,6 +77,12 @@ def pipes_dir(home: Path) -> Path:
     return home / "run" / "pipes"
 
 
+def pipe_record(fifo: str, spec: LaunchSpec) -> dict[str, str]:
+    """What an instance's handle keeps of its pipe, for `LogPipes.readopt`."""
+    return {"log_fifo": fifo, "log_path": spec.log_path,
+            "log_rotate": f"{spec.log_max_bytes}:{spec.log_backups}"}
+
+
 def _notice(fields: list[str]) -> Notice | None:
     """A relay's line as a dict: {"ev": "attached"|"failed"|"dropped"|"resumed", ...}."""
     match fields:
@@ -112,6 +119,7 @@ class LogPipes:
         self._reader_task: asyncio.Task[None] | None = None
         self._retrying: asyncio.Task[None] | None = None
         self._acked: asyncio.Future[None] | None = None  # set at close: all acknowledged
+        self._adopting: set[asyncio.Task[bool]] = set()
         self._connecting: asyncio.Lock | None = None
         self._relay: subprocess.Popen[bytes] | None = None
         self._closed = False
@@ -171,6 +179,15 @@ class LogPipes:
         except OSError:
             self._retry_soon()
         return True
+
+    def readopt(self, record: Mapping[str, str], key: str) -> None:
+        """`adopt()` the pipe of `pipe_record`, in the background (awaited by close)."""
+        max_bytes, _, backups = record.get("log_rotate", "0:0").partition(":")
+        task = asyncio.get_running_loop().create_task(self.adopt(
+            record["log_fifo"], record.get("log_path", os.devnull), int(max_bytes or 0),
+            int(backups or 0), key))
+        self._adopting.add(task)
+        task.add_done_callback(self._adopting.discard)
 
     def discard(self, fifo: str) -> None:
         """A pipe whose instance never started: remove it now (a relay reading it already
@@ -306,6 +323,8 @@ class LogPipes:
     async def close(self) -> None:
         """Disconnect; the relay goes on carrying the output of instances left running,
         and exits on its own once it has none."""
+        if self._adopting:
+            await asyncio.wait(self._adopting)
         self._closed = True
         if self._held and self._writer is not None and not self._writer.is_closing():
             # pipes the relay has not acknowledged yet: an instance that exited at once

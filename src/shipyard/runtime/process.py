@@ -29,7 +29,7 @@ from shipyard.runtime import procscan
 from shipyard.runtime.base import Handle, LaunchSpec, Runtime
 from shipyard.runtime.cgroups import TOP, CgroupMode, InstanceCgroup, detect, prune_empty
 from shipyard.runtime.limits import affinity_preexec
-from shipyard.runtime.logpipe import LogPipes
+from shipyard.runtime.logpipe import LogPipes, pipe_record
 from shipyard.runtime.spawn import (
     cgroup_joiner,
     check_workdir,
@@ -99,7 +99,6 @@ class ProcessRuntime(Runtime):
         if self.warning:
             log.warning("%s", self.warning)
         self._children: dict[int, _Child] = {}
-        self._background: set[asyncio.Task[bool]] = set()
         self._finished: OrderedDict[tuple[int, float], tuple[int | None, str | None]] = (
             OrderedDict())
         self._procs = procscan.SharedScan(SCAN_TTL)
@@ -158,8 +157,7 @@ class ProcessRuntime(Runtime):
         if marker:
             handle.extra["env_marker"] = marker
         if fifo is not None:  # kept with the handle: re-adoption re-attaches the pipe
-            handle.extra.update(log_fifo=fifo, log_path=spec.log_path,
-                                log_rotate=f"{spec.log_max_bytes}:{spec.log_backups}")
+            handle.extra.update(pipe_record(fifo, spec))
         loop = asyncio.get_running_loop()
         child = _Child(popen, handle, cgroup, loop.create_future())
         self._children[popen.pid] = child
@@ -304,17 +302,8 @@ class ProcessRuntime(Runtime):
         if not handle.cgroup:
             self._tracker.track(handle)
         if self.pipes is not None and "log_fifo" in handle.extra:
-            self._readopt_pipe(handle)
+            self.pipes.readopt(handle.extra, f"{handle.extra.get('stack', '')}/{handle.instance}")
         return True
-
-    def _readopt_pipe(self, handle: Handle) -> None:
-        extra = handle.extra
-        max_bytes, _, backups = extra.get("log_rotate", "0:0").partition(":")
-        task = asyncio.get_running_loop().create_task(self.pipes.adopt(  # type: ignore[union-attr]
-            extra["log_fifo"], extra.get("log_path", os.devnull), int(max_bytes or 0),
-            int(backups or 0), f"{extra.get('stack', '')}/{handle.instance}"))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     def exit_reason(self, handle: Handle) -> str | None:
         """Why the instance ended when its exit code does not say it: "oom-killed" when
@@ -487,8 +476,6 @@ class ProcessRuntime(Runtime):
         return removed
 
     async def close(self) -> None:
-        if self._background:
-            await asyncio.wait(self._background)
         if self.pipes is not None:
             await self.pipes.close()
         if self.cgroup_support.enabled:
