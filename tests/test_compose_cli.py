@@ -9,9 +9,7 @@ from pathlib import Path
 
 from shipyard.spec.loader import load_stack
 from tests.conftest import port_range
-from tests.test_cli import Shipyard, shipyard, wait_for
-
-__all__ = ["shipyard"]  # the fixture, shared with test_cli
+from tests.test_cli import Shipyard, wait_for
 
 FIXTURES = Path(__file__).parent / "fixtures" / "compose"
 
